@@ -1,0 +1,7 @@
+"""Building blocks shared by the methods: ViT encoder, MAE decoder, position embeddings, patchify."""
+
+from .pos_embed import sincos_pos_embed_2d
+from .vit import ViTEncoder, patchify, unpatchify
+from .decoder import MAEDecoder
+
+__all__ = ["MAEDecoder", "ViTEncoder", "patchify", "sincos_pos_embed_2d", "unpatchify"]

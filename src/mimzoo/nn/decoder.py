@@ -1,0 +1,55 @@
+"""MAE's lightweight decoder: visible latents + mask tokens, un-shuffled, back to pixels."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import Block
+
+from .pos_embed import sincos_pos_embed_2d
+from .vit import init_linear_and_norm
+
+
+class MAEDecoder(nn.Module):
+    """``Linear(D -> Dd)``, mask tokens, fixed sin-cos positions, timm blocks, ``Linear(Dd -> p*p*C)``."""
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        grid_size: tuple[int, int],
+        patch_size: int,
+        dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder dim {dim} is not divisible by decoder num_heads {num_heads}")
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_parameter(
+            "pos_embed", nn.Parameter(sincos_pos_embed_2d(dim, grid_size, cls_token=True), requires_grad=False)
+        )
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(
+            *[Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+        )
+        self.norm = norm(dim)
+        self.pred = nn.Linear(dim, patch_size * patch_size * in_chans)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(init_linear_and_norm)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """``latent [B, 1+K, D]`` (CLS first, visible tokens in ``ids_keep`` order) -> ``[B, L, p*p*C]``."""
+        x = self.embed(latent)
+        b, num_patches = ids_restore.shape
+        masks = self.mask_token.expand(b, num_patches + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], masks], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.pred(x)[:, 1:]

@@ -1,0 +1,101 @@
+"""The ViT encoder every ViT method shares: a plain timm ``VisionTransformer`` that can skip tokens.
+
+Being a timm model is the point: its state dict *is* a timm ViT's, so export is a copy and
+official MAE/timm weights load without renaming.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .pos_embed import sincos_pos_embed_2d
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, L, p*p*C]``, tokens row-major, values ordered (row, col, channel)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """Exact inverse of :func:`patchify`."""
+    b = patches.shape[0]
+    (gh, gw), p = grid_size, patch_size
+    x = patches.reshape(b, gh, gw, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, gh * p, gw * p)
+
+
+class ViTEncoder(VisionTransformer):
+    """timm ViT with a ``[CLS]`` token, fixed sin-cos positions and MAE's initialisation.
+
+    ``forward_masked(images, ids_keep)`` runs the blocks on the visible tokens only (MAE);
+    ``forward_features(images)`` (timm's) runs them on all tokens.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+    ):
+        if img_size % patch_size:
+            raise ValueError(
+                f"image size {img_size} is not divisible by patch size {patch_size}; "
+                f"pick a patch size that divides it (e.g. model.encoder.patch_size=4 for 32px CIFAR, 16 for 224px)"
+            )
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.timm_kwargs = dict(
+            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, in_chans=in_chans,
+        )
+        super().__init__(
+            **self.timm_kwargs, num_classes=0, global_pool="token", class_token=True, qkv_bias=True,
+            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        )
+        self.pos_embed.requires_grad_(False)
+        self.initialize_mae()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    def initialize_mae(self):
+        """MAE's init: frozen sin-cos positions, xavier patch/linears, normal(0.02) tokens."""
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, self.grid, cls_token=True))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_linear_and_norm)
+
+    def forward_masked(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``[B, 1 + L_keep, D]`` after the final norm; ``ids_keep=None`` keeps all."""
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = self.blocks(x)
+        return self.norm(x)
+
+
+def init_linear_and_norm(m: nn.Module):
+    """MAE/timm-style init: xavier-uniform linears with zero bias, LayerNorm to (1, 0)."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

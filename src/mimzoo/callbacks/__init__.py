@@ -1,0 +1,5 @@
+"""Training callbacks shared by every method."""
+
+from .reconstruction import ReconstructionPanels
+
+__all__ = ["ReconstructionPanels"]

@@ -1,0 +1,67 @@
+"""Reconstruction panels (original | masked | reconstruction) as PNG files and W&B images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchvision.utils import make_grid, save_image
+
+from mimzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from mimzoo.nn import patchify, unpatchify
+
+
+def mask_to_pixels(mask: torch.Tensor, grid_size, patch_size: int) -> torch.Tensor:
+    """Bool patch mask ``[B, L]`` -> pixel mask ``[B, 1, H, W]`` (1 where the patch is masked)."""
+    ones = mask.float().unsqueeze(-1).expand(-1, -1, patch_size * patch_size)
+    return unpatchify(ones, patch_size, grid_size, channels=1)
+
+
+class ReconstructionPanels(L.Callback):
+    """Every ``every_n_epochs``, reconstruct a fixed validation batch with a fixed mask and save
+    ``reconstructions/epoch_XXXX.png`` in the run directory (rows: original, masked, reconstruction);
+    the same picture goes to W&B when it is one of the loggers. Needs a method with ``reconstruct``."""
+
+    def __init__(self, out_dir: str, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.out_dir = Path(out_dir)
+        self.num_images, self.every_n_epochs, self.seed = num_images, every_n_epochs, seed
+        self.mean, self.std = mean, std
+        self.images: torch.Tensor | None = None
+        self.last_path: Path | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.images is None and batch_idx == 0:
+            self.images = batch[0][: self.num_images].detach().cpu()
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self.images is None or not hasattr(pl_module, "reconstruct") or trainer.sanity_checking:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not trainer.is_last_batch:
+            return
+        if not trainer.is_global_zero:
+            return
+        panel = self.render(pl_module, self.images.to(pl_module.device))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.out_dir / f"epoch_{trainer.current_epoch:04d}.png"
+        save_image(panel, self.last_path)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("reconstruction", [panel], step=trainer.global_step,
+                                 caption=["original | masked | reconstruction"])
+
+    def render(self, pl_module, images: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        was_training = pl_module.training
+        pl_module.eval()
+        mask = pl_module.draw_mask(images.shape[0], generator)
+        out = pl_module(images, mask=mask)
+        recon = pl_module.reconstruct(images, out)
+        pl_module.train(was_training)
+        pix = mask_to_pixels(out.mask, pl_module.grid_size, images.shape[-1] // pl_module.grid_size[1])
+        original = denormalize(images.float(), self.mean, self.std)
+        masked = original * (1 - pix) + 0.5 * pix  # masked patches shown grey
+        rows = torch.cat([original, masked, denormalize(recon, self.mean, self.std)])
+        return make_grid(rows.cpu(), nrow=images.shape[0], padding=1, pad_value=1.0)

@@ -1,0 +1,1 @@
+"""Evaluation protocols (linear probe, fine-tune, kNN) and online probes."""

@@ -1,0 +1,141 @@
+"""``mimzoo-train``: compose model/mask/data/optim/trainer/logger configs and pre-train.
+
+Each run (and each point of a ``-m`` sweep) writes into its own Hydra directory: the resolved
+config (``.hydra/``), ``checkpoints/`` (``last.ckpt`` included), ``metrics.csv``, ``wandb/`` and
+``reconstructions/``.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import uuid
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from mimzoo.callbacks import ReconstructionPanels
+from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto`` -> ``online`` when an API key is configured (env or netrc), else ``offline``."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+    try:
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return "offline"
+
+
+def build_model(cfg: DictConfig):
+    """The method module from ``model`` + ``mask`` + ``optim`` (plain containers, so checkpoints keep them)."""
+    mask = OmegaConf.to_container(cfg.mask, resolve=True)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    return instantiate(cfg.model, mask=mask, optim=optim, _convert_="all")
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    wb = cfg.logger.wandb
+    if wb.enabled:
+        hc = HydraConfig.get()
+        sweep = hc.mode == RunMode.MULTIRUN
+        group = wb.group or (Path(hc.sweep.dir).as_posix().replace("/", "_") if sweep else None)
+        name = hc.job.override_dirname or run_dir.name
+        id_file = run_dir / "wandb_id.txt"  # same W&B run when this run directory is resumed
+        if not id_file.exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            id_file.write_text(uuid.uuid4().hex[:8])
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        logger = WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name, tags=list(wb.tags),
+                             save_dir=str(run_dir), mode=wandb_mode(wb.mode), id=run_id, resume="allow",
+                             config=OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(logger)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    callbacks = [
+        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=cfg.checkpoint.save_top_k,
+                        monitor=cfg.checkpoint.monitor, every_n_epochs=cfg.checkpoint.every_n_epochs,
+                        every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+        LearningRateMonitor(logging_interval="step"),
+        ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0], window_size=10),
+    ]
+    if cfg.recon.enabled:
+        callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
+                                              cfg.recon.every_n_epochs))
+    if cfg.probe.knn.enabled:
+        callbacks.append(OnlineKNN(cfg.probe.knn.k, cfg.probe.knn.temperature, cfg.probe.knn.every_n_epochs,
+                                   cfg.probe.knn.max_bank))
+    if cfg.probe.linear.enabled:
+        callbacks.append(OnlineLinearProbe(cfg.probe.linear.lr))
+    return callbacks
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``last`` -> this run directory's ``checkpoints/last.ckpt``; a path must exist."""
+    if ckpt_path is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}. To resume a run, start it again in its own directory: "
+            "mimzoo-train <same overrides> hydra.run.dir=<that run dir> ckpt_path=last"
+        )
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one pre-training job; returns the last logged metrics."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg, run_dir),
+                          default_root_dir=str(run_dir))
+    fit_model = torch.compile(model) if cfg.compile else model
+    trainer.fit(fit_model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        summarize(run_dir, trainer, metrics)
+    return metrics
+
+
+def summarize(run_dir: Path, trainer, metrics: dict) -> None:
+    print(f"\nmimzoo: run directory   {run_dir}")
+    print(f"mimzoo: checkpoint      {run_dir / 'checkpoints' / 'last.ckpt'}")
+    print(f"mimzoo: metrics (CSV)   {run_dir / 'metrics.csv'}")
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            print(f"mimzoo: W&B run         {logger.experiment.dir} (sync offline runs with `wandb sync`)")
+    recon = sorted((run_dir / "reconstructions").glob("*.png"))
+    if recon:
+        print(f"mimzoo: reconstructions {recon[-1]}")
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/loss", "val/", "probe/"))}
+    print(f"mimzoo: final metrics   {shown}")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.get("objective") or "", None)
+
+
+if __name__ == "__main__":
+    main()

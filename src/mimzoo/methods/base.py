@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import lightning as L
 import torch
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 
 from mimzoo import masking
+from mimzoo.optim import StepScheduledModule, absolute_lr, warmup_cosine
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
 
@@ -34,7 +33,7 @@ def _default_optim() -> dict:
     return dict(blr=1.5e-4, lr=None, betas=(0.9, 0.95), weight_decay=0.05, warmup_epochs=40, min_lr=0.0)
 
 
-class MIMMethod(L.LightningModule):
+class MIMMethod(StepScheduledModule):
     """Shared base; subclasses call ``super().__init__(mask, optim)`` then ``save_hyperparameters()``."""
 
     def __init__(self, mask: dict | None = None, optim: dict | None = None):
@@ -107,31 +106,21 @@ class MIMMethod(L.LightningModule):
         """Full names of position embeddings and tokens (timm's convention; biases/norms are 1-D)."""
         return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY}
 
-    def effective_batch_size(self) -> int:
-        """Images per optimiser step across devices, nodes and gradient accumulation."""
-        dm = self.trainer.datamodule
-        per_device = getattr(dm, "batch_size", None) or self.trainer.train_dataloader.batch_size
-        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
     def param_groups(self, weight_decay: float) -> list[dict]:
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self.no_weight_decay())
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        lr = cfg["lr"] or cfg["blr"] * self.effective_batch_size() / 256
+        self.trainer.estimated_stepping_batches  # loads the train loader, which the batch size may come from
+        lr = absolute_lr(self.trainer, cfg["blr"], cfg["lr"])
         optimizer = torch.optim.AdamW(self.param_groups(cfg["weight_decay"]), lr=lr, betas=tuple(cfg["betas"]))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-        steps_per_epoch = total_steps / epochs if epochs else self.trainer.num_training_batches
-        warmup = min(int(round(cfg["warmup_epochs"] * steps_per_epoch)), max(total_steps - 1, 0))
-        scheduler = CosineLRScheduler(
-            optimizer, t_initial=max(total_steps - warmup, 1), lr_min=cfg["min_lr"], warmup_t=warmup,
-            warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": warmup_cosine(optimizer, self.trainer, cfg["warmup_epochs"], cfg["min_lr"])}
 
-    def lr_scheduler_step(self, scheduler, metric):
-        scheduler.step_update(num_updates=self.global_step)
+    def export_timm(self) -> tuple[dict, dict]:
+        """``(kwargs, state_dict)`` such that ``timm.create_model("vit_base_patch16_224", pretrained=False,
+        num_classes=0, global_pool="token", **kwargs)`` loads ``state_dict`` with ``strict=True``."""
+        return dict(self.encoder.timm_kwargs), {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         cls = type(self)

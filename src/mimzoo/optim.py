@@ -1,0 +1,40 @@
+"""Optimisation pieces every LightningModule shares (pre-training and evaluation alike):
+``lr = blr * effective_batch / 256`` and MAE's per-step linear warm-up + half-cycle cosine."""
+
+from __future__ import annotations
+
+import lightning as L
+from timm.scheduler import CosineLRScheduler
+
+
+def effective_batch_size(trainer: L.Trainer) -> int:
+    """Images per optimiser step across devices, nodes and gradient accumulation."""
+    dm = trainer.datamodule
+    per_device = getattr(dm, "batch_size", None) or trainer.train_dataloader.batch_size
+    return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def absolute_lr(trainer: L.Trainer, blr: float, lr: float | None = None) -> float:
+    """``lr`` when given, else the linear scaling rule ``blr * effective_batch / 256``."""
+    return lr if lr else blr * effective_batch_size(trainer) / 256
+
+
+def warmup_cosine(optimizer, trainer: L.Trainer, warmup_epochs: float, min_lr: float = 0.0) -> dict:
+    """Lightning scheduler config: linear warm-up from 0 over ``warmup_epochs``, then cosine to
+    ``min_lr``, updated every optimiser step; honours per-group ``lr_scale`` (layer decay)."""
+    total = int(trainer.estimated_stepping_batches)
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    steps_per_epoch = total / epochs if epochs else trainer.num_training_batches
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(total - 1, 0))
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup, warmup_lr_init=0.0,
+        warmup_prefix=True, t_in_epochs=False,
+    )
+    return {"scheduler": scheduler, "interval": "step"}
+
+
+class StepScheduledModule(L.LightningModule):
+    """Drives timm schedulers from Lightning, once per optimiser step."""
+
+    def lr_scheduler_step(self, scheduler, metric):
+        scheduler.step_update(num_updates=self.global_step)

@@ -1,0 +1,141 @@
+"""Every registered strategy: exact count, seed reproducibility, the shape its name promises."""
+
+import pytest
+import torch
+
+from mimzoo import masking
+from mimzoo.masking import mask_to_ids, num_masked
+
+GRID = (8, 8)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", masking.available())
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
+def test_exact_count_dtype_shape(name, ratio):
+    mask = masking.build(name, ratio=ratio)(16, GRID, generator=gen())
+    assert mask.dtype == torch.bool and mask.shape == (16, 64)
+    assert (mask.sum(1) == num_masked(ratio, 64)).all()
+
+
+@pytest.mark.parametrize("name", masking.available())
+def test_seed_reproduces_mask(name):
+    strategy = masking.build(name, ratio=0.6)
+    a, b = strategy(8, (14, 14), generator=gen(3)), strategy(8, (14, 14), generator=gen(3))
+    assert torch.equal(a, b)
+    if name != "center":  # the centred block is deterministic by design
+        assert not torch.equal(a, strategy(8, (14, 14), generator=gen(4)))
+
+
+def test_registry_lists_and_builds():
+    assert {"random", "block", "grid", "center"} <= set(masking.available())
+    with pytest.raises(KeyError, match="known strategies: .*block.*random"):
+        masking.build("nope", ratio=0.5)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_ratio_outside_open_interval_is_an_error(ratio):
+    with pytest.raises(ValueError, match=r"mask ratio must lie in \(0, 1\)"):
+        masking.build("random", ratio=ratio)
+
+
+def test_register_custom_strategy():
+    @masking.register_mask("_test_first_k")
+    class FirstK(masking.MaskStrategy):
+        def sample(self, batch_size, h, w, k, generator):
+            m = torch.zeros(batch_size, h * w, dtype=torch.bool)
+            m[:, :k] = True
+            return m
+
+    assert "_test_first_k" in masking.available()
+    assert masking.build("_test_first_k", ratio=0.5)(2, GRID)[0, :32].all()
+    with pytest.raises(ValueError, match="registered twice"):
+        masking.register_mask("_test_first_k")(FirstK)
+
+
+def test_random_is_uniform_over_positions():
+    mask = masking.build("random", ratio=0.75)(20000, GRID, generator=gen())
+    freq = mask.float().mean(0)
+    assert (freq - 0.75).abs().max() < 0.02  # binomial sd ~0.003 per position
+    # Different samples get different masks (per-sample shuffle, not one shared mask).
+    assert len({tuple(m.tolist()) for m in mask[:100]}) == 100
+
+
+def test_random_matches_mae_shuffle_convention():
+    """Same noise as MAE's random_masking -> same mask: the first L_keep of argsort(noise) are kept."""
+    g = gen(7)
+    mask = masking.build("random", ratio=0.75)(4, GRID, generator=g)
+    noise = torch.rand(4, 64, generator=gen(7))
+    keep = torch.argsort(noise, dim=1)[:, :16]
+    expected = torch.ones(4, 64, dtype=torch.bool).scatter(1, keep, False)
+    assert torch.equal(mask, expected)
+
+
+def _components(grid: torch.Tensor) -> int:
+    """Number of 4-connected components of True cells."""
+    seen, count = set(), 0
+    cells = {tuple(x) for x in grid.nonzero().tolist()}
+    for start in cells:
+        if start in seen:
+            continue
+        count += 1
+        stack = [start]
+        while stack:
+            r, c = stack.pop()
+            if (r, c) in seen:
+                continue
+            seen.add((r, c))
+            stack += [n for n in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)) if n in cells]
+    return count
+
+
+def test_center_is_one_contiguous_centred_block():
+    for ratio in (0.1, 0.3, 0.5, 0.8):
+        mask = masking.build("center", ratio=ratio)(2, (14, 14))
+        grid = mask[0].view(14, 14)
+        assert _components(grid) == 1
+        rows, cols = grid.nonzero().float().T
+        assert abs(rows.mean() - 6.5) <= 1.5 and abs(cols.mean() - 6.5) <= 1.5
+    moved = masking.build("center", ratio=0.2, random_position=True)(16, (14, 14), generator=gen())
+    assert all(_components(m.view(14, 14)) == 1 for m in moved)
+    assert len({tuple(m.tolist()) for m in moved}) > 1
+
+
+def test_grid_is_periodic():
+    mask = masking.build("grid", ratio=0.75)(32, GRID, generator=gen()).view(32, 8, 8)
+    # Exactly one visible patch per 2x2 cell, at the same phase in every cell.
+    assert torch.equal(mask, torch.roll(mask, shifts=(2, 2), dims=(1, 2)))
+    cells = (~mask).view(32, 4, 2, 4, 2).sum(dim=(2, 4))
+    assert (cells == 1).all()
+
+
+def test_block_masks_are_made_of_large_blocks():
+    """With exact=False the raw BEiT output: few components, each at least min_num_patches large
+    unless merged; the count never exceeds the target."""
+    strategy = masking.build("block", ratio=75 / 196, exact=False)
+    masks = strategy(200, (14, 14), generator=gen())
+    counts = masks.sum(1)
+    assert (counts <= 75).all() and counts.float().mean() > 65
+    comps = [_components(m.view(14, 14)) for m in masks]
+    assert sum(comps) / len(comps) < 5  # blocks, not scattered patches (random would give dozens)
+
+
+def test_block_exact_tops_up_to_the_count():
+    mask = masking.build("block", ratio=0.75)(50, (14, 14), generator=gen())
+    assert (mask.sum(1) == 147).all()
+
+
+def test_mask_to_ids_round_trip():
+    mask = masking.build("random", ratio=0.75)(5, GRID, generator=gen())
+    ids_keep, ids_restore = mask_to_ids(mask)
+    assert ids_keep.shape == (5, 16)
+    assert not mask.gather(1, ids_keep).any()  # kept ids are all visible
+    seq = torch.cat([ids_keep, torch.argsort(mask.int(), dim=1, stable=True)[:, 16:]], 1)
+    assert torch.equal(seq.gather(1, ids_restore), torch.arange(64).expand(5, -1))
+    bad = mask.clone()
+    bad[0, ~mask[0]] = True
+    with pytest.raises(ValueError, match="same masked count"):
+        mask_to_ids(bad)

@@ -19,6 +19,18 @@ def absolute_lr(trainer: L.Trainer, blr: float, lr: float | None = None) -> floa
     return lr if lr else blr * effective_batch_size(trainer) / 256
 
 
+class StepCosineScheduler(CosineLRScheduler):
+    """timm's warm-up + cosine with no checkpointed state: as in MAE's ``lr_sched``, the rate is a
+    function of the step and the *current* config, so resuming with a larger ``max_epochs`` stretches
+    the schedule instead of replaying the finished one."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state_dict):
+        pass
+
+
 def warmup_cosine(optimizer, trainer: L.Trainer, warmup_epochs: float, min_lr: float = 0.0) -> dict:
     """Lightning scheduler config: linear warm-up from 0 over ``warmup_epochs``, then cosine to
     ``min_lr``, updated every optimiser step; honours per-group ``lr_scale`` (layer decay)."""
@@ -26,7 +38,7 @@ def warmup_cosine(optimizer, trainer: L.Trainer, warmup_epochs: float, min_lr: f
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
     steps_per_epoch = total / epochs if epochs else trainer.num_training_batches
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(total - 1, 0))
-    scheduler = CosineLRScheduler(
+    scheduler = StepCosineScheduler(
         optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup, warmup_lr_init=0.0,
         warmup_prefix=True, t_in_epochs=False,
     )

@@ -71,7 +71,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     callbacks = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=cfg.checkpoint.save_top_k,
                         monitor=cfg.checkpoint.monitor, every_n_epochs=cfg.checkpoint.every_n_epochs,
-                        every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+                        every_n_train_steps=cfg.checkpoint.every_n_train_steps, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0], window_size=10),
     ]
@@ -114,6 +114,9 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         summarize(run_dir, trainer, metrics)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # the next job of a -m sweep starts its own W&B run
     return metrics
 
 

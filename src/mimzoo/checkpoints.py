@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import math
+import os
+import warnings
 from pathlib import Path
+from typing import Callable
 
+import lightning
 import torch
+from omegaconf import OmegaConf
 
 TIMM_ARCH = "vit_base_patch16_224"  # any timm ViT name; the exported kwargs set every size
 
@@ -55,3 +62,190 @@ def export_main(argv=None):
     print(f"wrote {args.out} and {args.out}.json; load it with:\n"
           f"  model = timm.create_model({call})\n"
           f"  model.load_state_dict(torch.load({args.out!r}), strict=True)")
+
+
+# --- official checkpoints in ------------------------------------------------------------------
+# One importer per method: ``importer(ckpt, path, overrides) -> module``. ``ckpt`` is whatever the
+# official repository saved (read safely by :func:`_read_official`); each importer maps its keys
+# onto our module and loads them with ``strict=True`` through :func:`_load_strict`.
+
+_IMPORTERS: dict[str, Callable] = {}
+log = logging.getLogger(__name__)
+
+
+def register_importer(method: str):
+    """Decorator adding an official-format importer for ``method`` (``mae``, later ``beit``...)."""
+
+    def deco(fn):
+        _IMPORTERS[method] = fn
+        return fn
+
+    return deco
+
+
+def load_official(method: str, path, **model_overrides):
+    """Load an official repository's checkpoint into the matching mimzoo module (eval mode).
+
+    What the weights fix (widths, depths, patch and image size) is inferred; ``model_overrides``
+    are the method's constructor arguments, merged over the inferred ones, e.g.
+    ``load_official("mae", p, encoder={"num_heads": 12}, decoder={"num_heads": 16}, norm_pix_loss=False)``.
+    """
+    if method not in _IMPORTERS:
+        raise KeyError(f"no official importer for {method!r}; known: {', '.join(sorted(_IMPORTERS))}")
+    return _IMPORTERS[method](_read_official(path), str(path), model_overrides).eval()
+
+
+def import_official(method: str, src, out_ckpt, **model_overrides) -> Path:
+    """Convert an official checkpoint into a mimzoo checkpoint that :func:`load_pretrained` reads."""
+    model = load_official(method, src, **model_overrides)
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": lightning.__version__}  # so ``MAE.load_from_checkpoint`` works too
+    model.on_save_checkpoint(ckpt)  # the same "mimzoo" entry a training run writes
+    ckpt["mimzoo"]["imported_from"] = str(src)
+    out = Path(out_ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:  # atomic: a crash never leaves a half-written checkpoint under the final name
+        torch.save(ckpt, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def import_main(argv=None):
+    """``mimzoo-import <method> <official.pth> <out.ckpt> [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="mimzoo-import", description="Convert an official checkpoint into a mimzoo checkpoint.",
+        epilog="overrides use dotted keys, e.g. norm_pix_loss=false encoder.num_heads=12 decoder.num_heads=16",
+    )
+    parser.add_argument("method", choices=sorted(_IMPORTERS))
+    parser.add_argument("src", help="official checkpoint, e.g. mae_pretrain_vit_base.pth")
+    parser.add_argument("out", help="mimzoo checkpoint to write, e.g. mae_base.ckpt")
+    parser.add_argument("overrides", nargs="*", help="constructor arguments as key=value (dotted for nesting)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))
+    try:
+        out = import_official(args.method, args.src, args.out, **overrides)
+    except (FileNotFoundError, ValueError, TypeError) as e:  # a user's mistake: the message, not a traceback
+        raise SystemExit(f"mimzoo-import: error: {e}")
+    print(f"wrote {out}; load it with mimzoo.load_pretrained({str(out)!r}) or export it with mimzoo-export")
+
+
+def _read_official(path):
+    """``torch.load`` without arbitrary unpickling; ``argparse.Namespace`` (official ``args``) is allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and "mimzoo" in ckpt:
+        raise ValueError(f"{path} is already a mimzoo checkpoint; load it with mimzoo.load_pretrained")
+    return ckpt
+
+
+def _model_state(ckpt, path: str) -> dict:
+    """The state dict of an official checkpoint: under ``"model"`` (training/release files) or bare."""
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a state dict, or a dict with one under 'model'; found {keys}")
+    return sd
+
+
+def _load_strict(model, state: dict, official_name: Callable[[str], str], path: str, hint: str):
+    """``load_state_dict(strict=True)``, with mismatches reported under the official key names."""
+    ours = model.state_dict()
+    unexpected = sorted(official_name(k) for k in state.keys() - ours.keys())
+    missing = sorted(official_name(k) for k in ours.keys() - state.keys())
+    shapes = sorted(f"{official_name(k)} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
+                    for k, v in state.items() if k in ours and v.shape != ours[k].shape)
+    if unexpected or missing or shapes:
+        def show(name, keys):
+            return f"\n  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" if keys else ""
+
+        raise ValueError(
+            f"{path} does not match {type(model).__name__}:"
+            + show("unexpected keys", unexpected) + show("missing keys", missing) + show("shape mismatches", shapes)
+            + f"\n{hint}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# MAE: official name prefix -> ours (decoder entries first, so "blocks." never eats "decoder_blocks.")
+_MAE_RENAMES = (
+    ("decoder_embed.", "decoder.embed."), ("decoder_blocks.", "decoder.blocks."),
+    ("decoder_norm.", "decoder.norm."), ("decoder_pred.", "decoder.pred."),
+    ("decoder_pos_embed", "decoder.pos_embed"), ("mask_token", "decoder.mask_token"),
+    ("cls_token", "encoder.cls_token"), ("pos_embed", "encoder.pos_embed"), ("patch_embed.", "encoder.patch_embed."),
+    ("blocks.", "encoder.blocks."), ("norm.", "encoder.norm."),
+)
+_MAE_HINT = (
+    "mimzoo-import mae expects a facebookresearch/mae pre-training checkpoint (mae_pretrain_vit_*.pth, "
+    "mae_visualize_*.pth or a main_pretrain.py checkpoint-*.pth). Fine-tuned classifiers (head.*, fc_norm.*) and "
+    "other methods' files (BEiT, iBOT, timm) are not MAE pre-training checkpoints: use that method's importer. "
+    "Shape mismatches come from overrides that contradict the weights (drop them) or from another architecture."
+)
+_STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-T/S/B/L/H
+
+
+def _rename(key: str, pairs) -> str:
+    for old, new in pairs:
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            return new + key[len(old):]
+    return key
+
+
+def _mae_official_name(key: str) -> str:
+    return _rename(key, [(new, old) for old, new in _MAE_RENAMES])
+
+
+def _num_blocks(sd: dict, prefix: str) -> int:
+    return 1 + max((int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)), default=-1)
+
+
+@register_importer("mae")
+def _import_mae(ckpt, path: str, overrides: dict):
+    """facebookresearch/mae ``MaskedAutoencoderViT`` weights -> :class:`mimzoo.methods.MAE`."""
+    from mimzoo.methods.mae import MAE
+
+    sd = _model_state(ckpt, path)
+    required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    if any(k not in sd for k in required):
+        unknown = sorted(k for k in sd if _rename(k, _MAE_RENAMES) == k)
+        raise ValueError(f"{path} is not an MAE checkpoint: missing {[k for k in required if k not in sd]}"
+                         f"{f'; unknown keys {unknown[:8]}' if unknown else ''}\n{_MAE_HINT}")
+    dim, in_chans, patch, patch_w = sd["patch_embed.proj.weight"].shape
+    num_patches = sd["pos_embed"].shape[1] - 1
+    grid = math.isqrt(num_patches)
+    if patch != patch_w or grid * grid != num_patches:
+        raise ValueError(f"{path}: only square patches on a square grid are supported "
+                         f"(patch {patch}x{patch_w}, {num_patches} position slots)")
+    encoder = dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=_num_blocks(sd, "blocks."),
+                   num_heads=_STANDARD_HEADS.get(dim, max(1, dim // 64)),
+                   mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, in_chans=in_chans)
+    has_decoder = any(k.startswith("decoder_") or k == "mask_token" for k in sd)
+    decoder = dict(dim=512, depth=8, num_heads=16, mlp_ratio=4.0)
+    if "decoder_embed.weight" in sd:
+        d_dim = sd["decoder_embed.weight"].shape[0]
+        decoder.update(dim=d_dim, depth=_num_blocks(sd, "decoder_blocks."))
+        if "decoder_blocks.0.mlp.fc1.weight" in sd:
+            decoder["mlp_ratio"] = sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / d_dim
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    npl_from = "override" if "norm_pix_loss" in overrides else "args" if hasattr(args, "norm_pix_loss") else None
+    hparams = dict(encoder=encoder, decoder=decoder, norm_pix_loss=getattr(args, "norm_pix_loss", True))
+    hparams = OmegaConf.to_container(OmegaConf.merge(hparams, overrides))
+    log.info("MAE from %s: encoder %s, decoder %s, norm_pix_loss=%s (%s)", path, hparams["encoder"],
+             hparams["decoder"], hparams["norm_pix_loss"], npl_from or "default: not recorded in the file; "
+             "mae_visualize_* were trained without it, pass norm_pix_loss=false for them")
+    model = MAE(**hparams)
+    state = {_rename(k, _MAE_RENAMES): v for k, v in sd.items()}
+    if not has_decoder:  # released mae_pretrain_vit_*.pth carry the encoder only
+        warnings.warn(f"{path} has no decoder weights (encoder-only release); the decoder {hparams['decoder']} is "
+                      "freshly initialised, so reconstructions and the loss are meaningless until it is trained",
+                      stacklevel=3)
+        state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
+    return _load_strict(model, state, _mae_official_name, path, _MAE_HINT)

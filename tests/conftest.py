@@ -1,12 +1,34 @@
 """Shared test setup: offline data from ../shared/data, W&B never online, tiny model overrides."""
 
 import os
+import pickle
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MIMZOO_DATA", str(REPO.parent / "shared" / "data"))
+
+
+def _write_synthetic_cifar10_mini(root: Path) -> None:
+    """Random images in CIFAR-10's original pickle format (512 train / 256 test), for machines
+    without the real cifar10-mini fixture: the same loader and pipeline run, only accuracy is moot."""
+    folder = root / "cifar10-mini" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 512), ("test_batch", 256)):
+        batch = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n).tolist(),
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+if not (Path(os.environ["MIMZOO_DATA"]) / "cifar10-mini" / "cifar-10-batches-py" / "data_batch_1").exists():
+    _synthetic = Path(tempfile.mkdtemp(prefix="mimzoo-data-"))
+    _write_synthetic_cifar10_mini(_synthetic)
+    os.environ["MIMZOO_DATA"] = str(_synthetic)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -6,6 +6,8 @@ never change the pre-training gradients.
 
 from __future__ import annotations
 
+import itertools
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,10 @@ class OnlineKNN(L.Callback):
         if self.max_bank:
             bank_loader = _limit(bank_loader, self.max_bank)
         bank, bank_y = extract_features(pl_module, bank_loader, pl_module.device)
-        queries, y = extract_features(pl_module, dm.val_dataloader(), pl_module.device)
+        queries_loader = dm.val_dataloader()
+        if trainer.num_val_batches and trainer.num_val_batches[0] < len(queries_loader):  # limit_val_batches
+            queries_loader = itertools.islice(queries_loader, int(trainer.num_val_batches[0]))
+        queries, y = extract_features(pl_module, queries_loader, pl_module.device)
         pl_module.train(was_training)
         scores = knn_predict(bank, bank_y, queries, dm.num_classes, self.k, self.temperature)
         top1 = MulticlassAccuracy(dm.num_classes, average="micro")(scores, y)

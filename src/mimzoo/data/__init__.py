@@ -1,0 +1,7 @@
+"""Datasets, transforms and the LightningDataModule every run uses."""
+
+from .datamodule import MIMDataModule
+from .datasets import CIFAR, build_dataset
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+
+__all__ = ["CIFAR", "IMAGENET_MEAN", "IMAGENET_STD", "MIMDataModule", "build_dataset", "build_transform"]

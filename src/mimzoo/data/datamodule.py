@@ -1,0 +1,72 @@
+"""The one LightningDataModule: train split with a training augmentation, test split for validation,
+and a train split with the evaluation transform for kNN feature banks."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import build_dataset, num_classes_of
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+
+
+class MIMDataModule(L.LightningDataModule):
+    """``patch_size`` is not used here: it is the default patch size of models at this resolution,
+    which model configs read as ``${data.patch_size}``."""
+
+    def __init__(
+        self,
+        name: str = "cifar10",
+        root: str | None = None,
+        image_size: int = 32,
+        patch_size: int | None = None,
+        batch_size: int = 256,
+        num_workers: int = 2,
+        train_aug: str = "mae",
+        crop_pct: float = 1.0,
+        mean: tuple = IMAGENET_MEAN,
+        std: tuple = IMAGENET_STD,
+        download: bool = False,
+        fake_size: int = 256,
+        num_classes: int | None = None,
+        drop_last: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self._sets: dict = {}
+
+    def _dataset(self, split: str):
+        if split not in self._sets:
+            h = self.hparams
+            aug = h.train_aug if split == "train" else "eval"
+            tf = build_transform(aug, h.image_size, tuple(h.mean), tuple(h.std), crop_pct=h.crop_pct)
+            self._sets[split] = build_dataset(h.name, h.root, train=split != "val", transform=tf,
+                                              image_size=h.image_size, download=h.download,
+                                              fake_size=h.fake_size, num_classes=h.num_classes)
+        return self._sets[split]
+
+    def prepare_data(self):
+        # Runs on one process per node: check the files (and download them if allowed) before training.
+        self._dataset("train")
+        self._dataset("val")
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes_of(self._dataset("val"))
+
+    def _loader(self, split: str, shuffle: bool, drop_last: bool):
+        workers = self.hparams.num_workers
+        return DataLoader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False, drop_last=False)
+
+    def bank_dataloader(self):
+        """Training images with the evaluation transform (the kNN memory bank)."""
+        return self._loader("bank", shuffle=False, drop_last=False)

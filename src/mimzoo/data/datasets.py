@@ -43,7 +43,13 @@ class CIFAR(Dataset):
                     f"{name} not found under {base / folder}. Point MIMZOO_DATA (or data.root=...) at the folder "
                     f"that holds {sub}/{folder}/, or pass data.download=true to download it there with torchvision."
                 )
-            (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(base), train=train, download=True)
+            try:
+                (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(base), train=train, download=True)
+            except OSError as err:  # URLError and friends: no network, proxy, full disk
+                raise FileNotFoundError(
+                    f"{name} is not under {base / folder} and downloading it failed ({err}). Copy the "
+                    f"'{folder}' folder there, or point MIMZOO_DATA at a folder that holds {sub}/{folder}/."
+                ) from err
         xs, ys = [], []
         for f in files:
             with open(base / folder / f, "rb") as fh:

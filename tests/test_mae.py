@@ -165,3 +165,10 @@ def test_missing_data_root_names_the_fix(tmp_path):
     dm = MIMDataModule(name="cifar10", root=str(tmp_path), batch_size=8)
     with pytest.raises(FileNotFoundError, match="MIMZOO_DATA.*data.download=true"):
         dm.prepare_data()
+
+
+def test_imagenet_geometry_224_patch16():
+    model = MAE(encoder=dict(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2),
+                decoder=dict(dim=32, depth=1, num_heads=2))
+    out = model(torch.randn(2, 3, 224, 224))
+    assert model.grid_size == (14, 14) and out.pred.shape == (2, 196, 768) and (out.mask.sum(1) == 147).all()

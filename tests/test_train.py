@@ -102,6 +102,13 @@ def test_sweep_one_dir_per_point_and_shared_wandb_group(tmp_path):
         wandb_file = next(run.glob("wandb/offline-run-*/run-*.wandb"))
         assert group in wandb_file.read_bytes()  # every run of the sweep carries the same group
     assert points == {(0.5, 1), (0.5, 2), (0.75, 1), (0.75, 2)}
+    # mimzoo-report turns the real sweep into a table and a plot.
+    from mimzoo.report import report
+
+    result = report(sweep, metric="val/loss")
+    table = (sweep / "report.md").read_text()
+    assert "mask.ratio" in table and "model.decoder.depth" in table and table.count("\n| ") >= 5
+    assert (sweep / "report.png").stat().st_size > 0 and result
 
 
 @pytest.mark.parametrize("override,message", [
@@ -113,3 +120,17 @@ def test_sweep_one_dir_per_point_and_shared_wandb_group(tmp_path):
 def test_config_errors_reach_the_user(tmp_path, override, message):
     proc = mimzoo_train("trainer.max_steps=1", "logger=csv", f"hydra.run.dir={tmp_path}", override, check=False)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+
+
+def test_slurm_launcher_and_ddp_configs_compose():
+    from hydra import compose, initialize_config_dir
+
+    from mimzoo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2", "hydra/launcher=slurm"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+    assert cfg.trainer.strategy == "ddp"

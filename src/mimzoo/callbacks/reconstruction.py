@@ -39,7 +39,8 @@ class ReconstructionPanels(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if self.images is None or not hasattr(pl_module, "reconstruct") or trainer.sanity_checking:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs and not trainer.is_last_batch:
+        final_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not final_epoch:
             return
         if not trainer.is_global_zero:
             return

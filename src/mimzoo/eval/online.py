@@ -65,10 +65,16 @@ class OnlineLinearProbe(L.Callback):
     def setup(self, trainer, pl_module, stage):
         dim = pl_module.features(torch.zeros(2, 3, *pl_module.image_size, device=pl_module.device)).shape[-1]
         num_classes = trainer.datamodule.num_classes
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-        self.head.to(pl_module.device)
+        with torch.random.fork_rng():  # the head's init must not shift the pre-training random stream
+            self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=0.0)
-        self.accuracy = MulticlassAccuracy(num_classes, average="micro").to(pl_module.device)
+        self.accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def on_fit_start(self, trainer, pl_module):
+        # Built in setup (so a resumed state can load), moved once the module is on its device.
+        self.head.to(pl_module.device)
+        self.accuracy.to(pl_module.device)
+        self.optimizer.load_state_dict(self.optimizer.state_dict())  # re-casts restored state to that device
 
     def _features(self, pl_module, images):
         was_training = pl_module.training

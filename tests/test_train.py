@@ -134,3 +134,10 @@ def test_slurm_launcher_and_ddp_configs_compose():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
     assert cfg.trainer.strategy == "ddp"
+
+
+def test_bf16_mixed_precision_from_config(tmp_path):
+    mimzoo_train("trainer.precision=bf16-mixed", "trainer.max_steps=2", "logger=csv", "probe.knn.enabled=false",
+                 f"hydra.run.dir={tmp_path}")
+    ckpt = weights(tmp_path)
+    assert ckpt["global_step"] == 2 and ckpt["state_dict"]["encoder.cls_token"].dtype == torch.float32

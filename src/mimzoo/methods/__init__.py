@@ -2,5 +2,6 @@
 
 from .base import MIMMethod, MIMOutput
 from .mae import MAE
+from .beit import BEiT
 
-__all__ = ["MAE", "MIMMethod", "MIMOutput"]
+__all__ = ["BEiT", "MAE", "MIMMethod", "MIMOutput"]

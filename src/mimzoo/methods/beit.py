@@ -1,0 +1,113 @@
+"""BEiT (Bao et al., 2022) stage 2: predict a frozen tokenizer's code for every masked patch.
+
+Masked patches are replaced by a learned mask token, the encoder sees all positions, a linear
+head over the final hidden states at masked positions is trained with cross-entropy against
+``tokenizer.tokenize(images)``. Follows microsoft/unilm ``beit/modeling_pretrain.py``.
+
+The tokenizer is frozen and kept as a plain (unregistered) attribute: it is not a submodule, so
+it is not in ``state_dict``/checkpoints, not in ``parameters()`` (hence not in the optimiser) and
+Lightning's ``.train()`` never flips it out of eval mode. It is moved to the images' device on use.
+It is rebuilt from the ``tokenizer`` spec (saved in the hyper-parameters) when a checkpoint loads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimzoo.nn.beit import BEiTEncoder, trunc_normal_1sigma_
+
+from .base import MIMMethod, MIMOutput
+
+MISSING_TOKENIZER = (
+    "BEiT needs a trained tokenizer: pass model.tokenizer.ckpt=<dvae ckpt> "
+    "(train one with `mimzoo-train model=dvae`, then use its checkpoints/last.ckpt)"
+)
+
+
+def _build_tokenizer(tokenizer) -> nn.Module:
+    if isinstance(tokenizer, nn.Module):
+        return tokenizer
+    if not tokenizer or tokenizer.get("ckpt") in (None, "", "???"):
+        raise ValueError(MISSING_TOKENIZER)
+    from mimzoo.nn.tokenizer import load_tokenizer  # lazy: only needed when a spec is given
+
+    return load_tokenizer(dict(tokenizer))
+
+
+class BEiT(MIMMethod):
+    def __init__(
+        self,
+        encoder: dict,
+        tokenizer: dict | nn.Module | None = None,
+        mask: dict | None = None,
+        optim: dict | None = None,
+        num_tokens: int | None = None,
+        layer_scale_init: float | None = 0.1,
+        use_abs_pos_emb: bool = False,
+        use_shared_rel_pos_bias: bool = True,
+        drop_path_rate: float = 0.0,
+    ):
+        """``num_tokens``, if given, is checked against the tokenizer's codebook (the head's size)."""
+        super().__init__(mask=mask or {"name": "block", "ratio": 0.4, "exact": False}, optim=optim)
+        self.save_hyperparameters(ignore=["tokenizer"] if isinstance(tokenizer, nn.Module) else None)
+        self.encoder = BEiTEncoder(
+            **{"layer_scale_init": layer_scale_init, "use_abs_pos_emb": use_abs_pos_emb,
+               "use_shared_rel_pos_bias": use_shared_rel_pos_bias, "drop_path_rate": drop_path_rate, **encoder})
+        tok = _build_tokenizer(tokenizer)
+        tok_grid = tuple(tok.grid_size(self.image_size))
+        if tok_grid != self.grid_size:
+            raise ValueError(
+                f"tokenizer grid {tok_grid} (downsample {tok.downsample}) does not match the encoder's patch grid "
+                f"{self.grid_size} (patch {self.encoder.patch_embed.patch_size[0]}) for {self.image_size} images; "
+                "set model.encoder.patch_size to the tokenizer's downsample factor"
+            )
+        if num_tokens is not None and num_tokens != tok.num_tokens:
+            raise ValueError(f"model.num_tokens={num_tokens} but the tokenizer has {tok.num_tokens} codes; "
+                             "drop model.num_tokens or use a matching tokenizer checkpoint")
+        tok.requires_grad_(False).eval()
+        object.__setattr__(self, "tokenizer", tok)  # unregistered on purpose, see module docstring
+        self.head = nn.Linear(self.encoder.embed_dim, tok.num_tokens)
+        trunc_normal_1sigma_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def grid_size(self):
+        return self.encoder.grid
+
+    @property
+    def image_size(self):
+        return tuple(self.encoder.patch_embed.img_size)
+
+    def encode(self, images, mask=None):
+        """Final-norm tokens ``[B, 1 + L, D]``; masked positions hold the mask token's outputs."""
+        return self.encoder(images, None if mask is None else self.resolve_mask(images, mask))
+
+    @torch.no_grad()
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """Code ids ``[B, L]`` from the frozen tokenizer (eval mode, no gradients)."""
+        tok = self.tokenizer.to(images.device).eval()
+        ids = tok.tokenize(images)
+        expected = (images.shape[0], self.grid_size[0] * self.grid_size[1])
+        if tuple(ids.shape) != expected:
+            raise ValueError(f"tokenizer returned ids of shape {tuple(ids.shape)}, expected {expected}")
+        return ids.long()
+
+    def forward(self, images, mask=None):
+        mask = self.resolve_mask(images, mask)
+        hidden = self.encoder(images, mask)[:, 1:]
+        logits = self.head(hidden[mask]).float()  # masked positions only: [M, num_tokens]
+        labels = self.target(images)[mask]
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(-1) == labels).float().mean()
+        return MIMOutput(loss=loss, mask=mask, logs={"mim_acc": acc.detach()})
+
+    def no_weight_decay(self) -> set[str]:
+        """The shared names plus relative position bias tables (BEiT's no-decay list)."""
+        return super().no_weight_decay() | {
+            n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+
+    def export_timm(self, per_layer_rel_pos_bias: bool = True) -> tuple[dict, dict]:
+        """A plain timm Beit; see :meth:`BEiTEncoder.export_timm`."""
+        return self.encoder.export_timm(per_layer_rel_pos_bias)

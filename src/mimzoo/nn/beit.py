@@ -1,0 +1,115 @@
+"""BEiT's pre-training encoder: a timm ``Beit`` plus a learned mask token.
+
+Subclassing timm's ``Beit`` (q/v bias without k bias, layer scale, shared relative position bias)
+keeps the state dict a timm Beit's, so export is a copy minus ``mask_token`` (see
+:meth:`BEiTEncoder.export_timm`). Follows microsoft/unilm ``beit/modeling_pretrain.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from timm.models.beit import Beit
+
+
+def trunc_normal_1sigma_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """BEiT's truncated normal: cut at ±1 std (its code passes ``a=-std, b=std``), not timm's ±2."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+
+
+class BEiTEncoder(Beit):
+    """timm Beit with ``mask_token``; ``forward(images, mask)`` returns final-norm tokens ``[B, 1+L, D]``.
+
+    Defaults follow BEiT's pre-training code: no absolute positions, one relative position bias
+    table shared by every layer, layer scale 0.1.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = 0.1,
+        use_abs_pos_emb: bool = False,
+        use_shared_rel_pos_bias: bool = True,
+    ):
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}; "
+                             "pick a patch size that divides it (e.g. model.encoder.patch_size=4 for 32px)")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.timm_kwargs = dict(
+            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, in_chans=in_chans, init_values=layer_scale_init or None,
+            use_abs_pos_emb=use_abs_pos_emb, use_shared_rel_pos_bias=use_shared_rel_pos_bias,
+            use_rel_pos_bias=False,
+        )
+        super().__init__(**self.timm_kwargs, num_classes=0, global_pool="token", qkv_bias=True,
+                         drop_path_rate=drop_path_rate)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.initialize_beit()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    @torch.no_grad()
+    def initialize_beit(self):
+        """BEiT's init: ±1σ truncated normal(0.02) for linears, conv, tokens and positions; LN (1, 0);
+        relative position tables zero; then ``attn.proj``/``mlp.fc2`` of block l divided by sqrt(2l)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_1sigma_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.mask_token, self.pos_embed):
+            if p is not None:
+                trunc_normal_1sigma_(p)
+        for l, block in enumerate(self.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * l))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * l))
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked patch embeddings are replaced by ``mask_token`` before positions are added.
+
+        ``torch.where`` is BEiT's ``x*(1-w) + mask_token*w`` but also exact for non-finite pixels, so
+        masked pixels cannot influence any output (not even through full attention).
+        """
+        x = self.patch_embed(images)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return self.norm(x)
+
+    def export_timm(self, per_layer_rel_pos_bias: bool = True) -> tuple[dict, dict]:
+        """``(kwargs, state_dict)`` for ``timm.create_model(**kwargs)`` (a plain timm Beit, strict load).
+
+        With ``per_layer_rel_pos_bias`` (default, what BEiT's fine-tuning does and what timm's
+        ``beit_*`` weights look like) the shared table is copied into every block's own table;
+        otherwise the model keeps timm's ``use_shared_rel_pos_bias``. ``mask_token`` is dropped.
+        """
+        kwargs = {"model_name": "beit_base_patch16_224", "pretrained": False, "num_classes": 0,
+                  "global_pool": "token", **self.timm_kwargs}
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k != "mask_token"}
+        if per_layer_rel_pos_bias and self.rel_pos_bias is not None:
+            table = state.pop("rel_pos_bias.relative_position_bias_table")
+            for i in range(len(self.blocks)):
+                state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+            kwargs.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+        return kwargs, state

@@ -61,7 +61,8 @@ class BEiT(MIMMethod):
             raise ValueError(
                 f"tokenizer grid {tok_grid} (downsample {tok.downsample}) does not match the encoder's patch grid "
                 f"{self.grid_size} (patch {self.encoder.patch_embed.patch_size[0]}) for {self.image_size} images; "
-                "set model.encoder.patch_size to the tokenizer's downsample factor"
+                "one code per patch is needed: use a patch size of image size / tokenizer grid, or a tokenizer "
+                "trained with that downsample factor"
             )
         if num_tokens is not None and num_tokens != tok.num_tokens:
             raise ValueError(f"model.num_tokens={num_tokens} but the tokenizer has {tok.num_tokens} codes; "

@@ -238,3 +238,14 @@ def test_lightning_fit_and_checkpoint_leave_the_tokenizer_out(tmp_path):
     assert "encoder.mask_token" in ckpt["state_dict"]
     assert all(torch.equal(v, tok_before[k]) for k, v in model.tokenizer.state_dict().items())
     assert not model.tokenizer.training
+
+
+def test_finetune_builds_a_timm_beit_from_the_export():
+    from mimzoo.eval.finetune import FineTune
+
+    model = make()
+    ft = FineTune.from_pretrained(model, num_classes=10, drop_path_rate=0.1, mixup=0, cutmix=0)
+    assert type(ft.model).__name__ == "Beit" and ft(images()).shape == (4, 10)
+    _, exported = model.export_timm()
+    name = "blocks.1.attn.qkv.weight"
+    assert torch.equal(ft.model.state_dict()[name], exported[name])

@@ -16,8 +16,6 @@ import lightning
 import torch
 from omegaconf import OmegaConf
 
-TIMM_ARCH = "vit_base_patch16_224"  # any timm ViT name; the exported kwargs set every size
-
 
 def load_pretrained(path, map_location="cpu"):
     """Rebuild the method module a mimzoo checkpoint was written by (``last.ckpt`` or any epoch)."""
@@ -43,7 +41,6 @@ def export_encoder(ckpt_path, out_path) -> dict:
     ``timm.create_model`` keyword arguments beside it (``out_path`` + ``.json``); returns the kwargs."""
     model = load_pretrained(ckpt_path)
     kwargs, state_dict = model.export_timm()
-    kwargs = {"model_name": TIMM_ARCH, "pretrained": False, "num_classes": 0, "global_pool": "token", **kwargs}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, out_path)

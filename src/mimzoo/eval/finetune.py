@@ -4,10 +4,10 @@ mixup/cutmix with label smoothing."""
 
 from __future__ import annotations
 
+import timm
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
@@ -21,7 +21,8 @@ DROPPED_PREFIXES = ("norm.",)
 
 
 class FineTune(Classifier):
-    """``timm_kwargs`` are the encoder's (``export_timm()``); build with :meth:`from_pretrained`."""
+    """``timm_kwargs`` are the encoder's ``timm.create_model`` arguments (``export_timm()``), so any
+    method's encoder (ViT, BEiT) fine-tunes the same way; build with :meth:`from_pretrained`."""
 
     def __init__(self, timm_kwargs: dict, num_classes: int, drop_path_rate: float = 0.1, blr: float = 5e-4,
                  lr: float | None = None, betas: tuple = (0.9, 0.999), weight_decay: float = 0.05,
@@ -29,8 +30,8 @@ class FineTune(Classifier):
                  cutmix: float = 1.0, label_smoothing: float = 0.1):
         super().__init__(num_classes)
         self.save_hyperparameters()
-        self.model = VisionTransformer(**timm_kwargs, num_classes=num_classes, global_pool="avg",
-                                       drop_path_rate=drop_path_rate)
+        self.model = timm.create_model(**{**timm_kwargs, "num_classes": num_classes, "global_pool": "avg",
+                                          "drop_path_rate": drop_path_rate})
         nn.init.trunc_normal_(self.model.head.weight, std=2e-5)
         nn.init.zeros_(self.model.head.bias)
         if mixup > 0 or cutmix > 0:  # label smoothing is folded into the mixed targets

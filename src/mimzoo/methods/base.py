@@ -118,9 +118,12 @@ class MIMMethod(StepScheduledModule):
                 "lr_scheduler": warmup_cosine(optimizer, self.trainer, cfg["warmup_epochs"], cfg["min_lr"])}
 
     def export_timm(self) -> tuple[dict, dict]:
-        """``(kwargs, state_dict)`` such that ``timm.create_model("vit_base_patch16_224", pretrained=False,
-        num_classes=0, global_pool="token", **kwargs)`` loads ``state_dict`` with ``strict=True``."""
-        return dict(self.encoder.timm_kwargs), {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+        """``(kwargs, state_dict)``: ``timm.create_model(**kwargs)`` is the encoder as a plain timm
+        model (token pooling, no head) and loads ``state_dict`` with ``strict=True``. Methods whose
+        encoder is not a timm ViT override this; export and fine-tuning only use these two."""
+        kwargs = {"model_name": "vit_base_patch16_224", "pretrained": False, "num_classes": 0, "global_pool": "token",
+                  **self.encoder.timm_kwargs}  # the architecture name only picks the class: kwargs set every size
+        return kwargs, {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         cls = type(self)

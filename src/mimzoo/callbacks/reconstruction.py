@@ -57,12 +57,14 @@ class ReconstructionPanels(L.Callback):
         generator = torch.Generator().manual_seed(self.seed)
         was_training = pl_module.training
         pl_module.eval()
-        mask = pl_module.draw_mask(images.shape[0], generator)
-        out = pl_module(images, mask=mask)
+        masks = hasattr(pl_module, "draw_mask")  # mask-free methods (the dVAE) get no masked row
+        out = pl_module(images, mask=pl_module.draw_mask(images.shape[0], generator)) if masks else pl_module(images)
         recon = pl_module.reconstruct(images, out)
         pl_module.train(was_training)
-        pix = mask_to_pixels(out.mask, pl_module.grid_size, images.shape[-1] // pl_module.grid_size[1])
         original = denormalize(images.float(), self.mean, self.std)
-        masked = original * (1 - pix) + 0.5 * pix  # masked patches shown grey
-        rows = torch.cat([original, masked, denormalize(recon, self.mean, self.std)])
+        rows = [original, denormalize(recon, self.mean, self.std)]
+        if masks:
+            pix = mask_to_pixels(out.mask, pl_module.grid_size, images.shape[-1] // pl_module.grid_size[1])
+            rows.insert(1, original * (1 - pix) + 0.5 * pix)  # masked patches shown grey
+        rows = torch.cat(rows)
         return make_grid(rows.cpu(), nrow=images.shape[0], padding=1, pad_value=1.0)

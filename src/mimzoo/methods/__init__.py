@@ -1,7 +1,8 @@
 """One LightningModule per method over a shared base."""
 
 from .base import MIMMethod, MIMOutput
+from .dvae import DVAE
 from .mae import MAE
 from .beit import BEiT
 
-__all__ = ["BEiT", "MAE", "MIMMethod", "MIMOutput"]
+__all__ = ["BEiT", "DVAE", "MAE", "MIMMethod", "MIMOutput"]

@@ -67,7 +67,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
+def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
     callbacks = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=cfg.checkpoint.save_top_k,
                         monitor=cfg.checkpoint.monitor, every_n_epochs=cfg.checkpoint.every_n_epochs,
@@ -78,10 +78,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     if cfg.recon.enabled:
         callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
                                               cfg.recon.every_n_epochs))
-    if cfg.probe.knn.enabled:
+    probe = hasattr(model, "features")  # a tokenizer stage (dVAE) has no representation to probe
+    if cfg.probe.knn.enabled and probe:
         callbacks.append(OnlineKNN(cfg.probe.knn.k, cfg.probe.knn.temperature, cfg.probe.knn.every_n_epochs,
                                    cfg.probe.knn.max_bank))
-    if cfg.probe.linear.enabled:
+    if cfg.probe.linear.enabled and probe:
         callbacks.append(OnlineLinearProbe(cfg.probe.linear.lr))
     return callbacks
 
@@ -107,8 +108,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg, run_dir),
-                          default_root_dir=str(run_dir))
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir, model),
+                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
     fit_model = torch.compile(model) if cfg.compile else model
     trainer.fit(fit_model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -26,8 +26,6 @@ class OnlineKNN(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if not hasattr(pl_module, "features"):  # e.g. the dVAE tokenizer: nothing to probe
-            return
         dm = trainer.datamodule
         was_training = pl_module.training
         pl_module.eval()

@@ -124,9 +124,9 @@ def mimzoo_train(*overrides):
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    """``mimzoo-train model=dvae`` on cifar10-mini, tiny: 2 epochs of 8 steps."""
+    """``mimzoo-train experiment=dvae`` (model=dvae + its optimiser) on cifar10-mini, tiny: 2 epochs of 8 steps."""
     run_dir = tmp_path_factory.mktemp("dvae_run")
-    mimzoo_train("model=dvae", "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
+    mimzoo_train("experiment=dvae", "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
                  "model.vae.num_tokens=64", "model.vae.hidden_dim=16", "model.vae.code_dim=16",
                  "model.vae.num_resblocks=0", "optim.lr=3e-3", "optim.warmup_epochs=0", "trainer.max_epochs=2",
                  "trainer.log_every_n_steps=2", "trainer.enable_progress_bar=false", "logger=csv",
@@ -151,11 +151,14 @@ def test_cli_trains_a_dvae(stage1):
 def test_two_stage_dvae_then_beit_through_the_cli(stage1, tmp_path):
     """Stage 2 reads the stage-1 checkpoint through load_tokenizer: 64 codes on the 8x8 patch grid."""
     ckpt = stage1 / "checkpoints" / "last.ckpt"
-    mimzoo_train("model=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "model.num_tokens=64",
-                 "mask=block", "mask.exact=false", "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
+    mimzoo_train("experiment=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "model.num_tokens=64",
+                 "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
                  "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                  "trainer.enable_progress_bar=false", "probe.knn.max_bank=128", "logger=csv",
                  f"hydra.run.dir={tmp_path}")
     beit = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert beit["mimzoo"]["method"] == "mimzoo.methods.beit.BEiT"
     assert beit["hyper_parameters"]["tokenizer"]["ckpt"] == str(ckpt)
+    assert beit["hyper_parameters"]["mask"] == {"name": "block", "ratio": 0.4, "min_num_patches": 16,
+                                                "max_num_patches": None, "min_aspect": 0.3, "max_aspect": None,
+                                                "exact": False}

@@ -139,3 +139,21 @@ def test_mask_to_ids_round_trip():
     bad[0, ~mask[0]] = True
     with pytest.raises(ValueError, match="same masked count"):
         mask_to_ids(bad)
+
+
+def test_block_shapes_follow_beit_bounds():
+    """BEiT's generator on 14x14 with 75 patches: block areas in [16, 75] and aspect ratios in
+    [0.3, 1/0.3], log-uniform (up to rounding to whole patches)."""
+    strategy = masking.build("block", ratio=75 / 196)
+    g = gen()
+    shapes = [strategy.block_shape(75, g) for _ in range(5000)]
+    areas = torch.tensor([h * w for h, w in shapes], dtype=torch.float)
+    aspects = torch.tensor([h / w for h, w in shapes])
+    assert areas.min() >= 9 and areas.max() <= 90  # 16..75 before rounding each side
+    assert (areas >= 14).float().mean() > 0.95 and (areas <= 80).float().mean() > 0.95
+    assert aspects.min() >= 0.3 / 1.5 and aspects.max() <= 1.5 / 0.3
+    log_aspect = aspects.log()
+    assert abs(float(log_aspect.median())) < 0.15  # symmetric around 1 in log space
+    assert float((aspects < 0.5).float().mean()) > 0.15 and float((aspects > 2).float().mean()) > 0.15
+    counts = strategy.__class__(ratio=75 / 196, exact=False)(500, (14, 14), generator=gen(1)).sum(1)
+    assert counts.max() == 75 and counts.float().mean() > 70  # at most the target, nearly always reached

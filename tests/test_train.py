@@ -141,3 +141,16 @@ def test_bf16_mixed_precision_from_config(tmp_path):
                  f"hydra.run.dir={tmp_path}")
     ckpt = weights(tmp_path)
     assert ckpt["global_step"] == 2 and ckpt["state_dict"]["encoder.cls_token"].dtype == torch.float32
+
+
+def test_beit_and_dvae_presets_compose():
+    from hydra import compose, initialize_config_dir
+
+    from mimzoo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        beit = compose(config_name="train", overrides=["experiment=beit", "model.tokenizer.ckpt=x.ckpt"])
+        dvae = compose(config_name="train", overrides=["experiment=dvae"])
+    assert beit.model._target_ == "mimzoo.methods.BEiT" and beit.mask.name == "block" and beit.mask.exact is False
+    assert beit.optim.betas == [0.9, 0.999] and beit.trainer.gradient_clip_val == 3.0
+    assert dvae.model._target_ == "mimzoo.methods.DVAE" and dvae.optim.blr == 1.0e-3

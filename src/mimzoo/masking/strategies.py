@@ -60,14 +60,16 @@ class BlockMask(MaskStrategy):
         self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
         self.exact = exact
 
+    def block_shape(self, budget: int, generator) -> tuple[int, int]:
+        """A candidate block: area ~ U(min_num_patches, budget), aspect log-uniform in the bounds."""
+        area = _uniform(min(self.min_num_patches, budget), budget, generator)
+        aspect = math.exp(_uniform(math.log(self.min_aspect), math.log(self.max_aspect), generator))
+        return int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+
     def _place_block(self, grid: torch.Tensor, budget: int, generator) -> int:
         h, w = grid.shape
-        log_lo, log_hi = math.log(self.min_aspect), math.log(self.max_aspect)
         for _ in range(10):
-            area = _uniform(min(self.min_num_patches, budget), budget, generator)
-            aspect = math.exp(_uniform(log_lo, log_hi, generator))
-            bh = int(round(math.sqrt(area * aspect)))
-            bw = int(round(math.sqrt(area / aspect)))
+            bh, bw = self.block_shape(budget, generator)
             if bw < w and bh < h:
                 top, left = _randint(0, h - bh, generator), _randint(0, w - bw, generator)
                 window = grid[top : top + bh, left : left + bw]

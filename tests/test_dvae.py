@@ -162,3 +162,29 @@ def test_two_stage_dvae_then_beit_through_the_cli(stage1, tmp_path):
     assert beit["hyper_parameters"]["mask"] == {"name": "block", "ratio": 0.4, "min_num_patches": 16,
                                                 "max_num_patches": None, "min_aspect": 0.3, "max_aspect": None,
                                                 "exact": False}
+
+
+def test_beit_checkpoint_evaluates_and_exports(stage1, tmp_path):
+    """Stage 2 through the CLI, then mimzoo-eval (kNN) and the export to a strict-loading timm Beit."""
+    import json
+
+    import timm
+
+    from mimzoo.checkpoints import export_encoder
+
+    ckpt = stage1 / "checkpoints" / "last.ckpt"
+    run = tmp_path / "beit"
+    mimzoo_train("experiment=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "data=cifar10_mini",
+                 "data.batch_size=64", "data.num_workers=0", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                 "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "probe.knn.enabled=false",
+                 "logger=csv", f"hydra.run.dir={run}")
+    beit_ckpt = run / "checkpoints" / "last.ckpt"
+    proc = subprocess.run([sys.executable, "-m", "mimzoo.evaluate", "protocol=knn", f"ckpt={beit_ckpt}",
+                           "data=cifar10_mini", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false",
+                           f"hydra.run.dir={tmp_path / 'knn'}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 0 <= json.loads((tmp_path / "knn" / "results.json").read_text())["top1"] <= 1
+    kwargs = export_encoder(beit_ckpt, tmp_path / "beit.pth")
+    model = timm.create_model(**kwargs)
+    model.load_state_dict(torch.load(tmp_path / "beit.pth"), strict=True)
+    assert type(model).__name__ == "Beit"

@@ -46,11 +46,12 @@ class MIMMethod(StepScheduledModule):
     # --- the API each method implements -------------------------------------------------------
     @property
     def grid_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        """The patch grid; by default that of ``self.encoder`` (ViT and BEiT encoders alike)."""
+        return tuple(self.encoder.grid)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        return tuple(self.encoder.patch_embed.img_size)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         raise NotImplementedError

@@ -73,14 +73,6 @@ class BEiT(MIMMethod):
         trunc_normal_1sigma_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    @property
-    def grid_size(self):
-        return self.encoder.grid
-
-    @property
-    def image_size(self):
-        return tuple(self.encoder.patch_embed.img_size)
-
     def encode(self, images, mask=None):
         """Final-norm tokens ``[B, 1 + L, D]``; masked positions hold the mask token's outputs."""
         return self.encoder(images, None if mask is None else self.resolve_mask(images, mask))

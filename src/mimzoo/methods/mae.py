@@ -33,14 +33,6 @@ class MAE(MIMMethod):
         )
         self.norm_pix_loss = norm_pix_loss
 
-    @property
-    def grid_size(self):
-        return self.encoder.grid
-
-    @property
-    def image_size(self):
-        return tuple(self.encoder.patch_embed.img_size)
-
     def encode(self, images, mask=None):
         """Final-norm tokens ``[B, 1 + visible, D]``; with a mask, masked patches never enter."""
         ids_keep = None if mask is None else mask_to_ids(self.resolve_mask(images, mask))[0]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from timm.scheduler import CosineLRScheduler
 
 
@@ -43,6 +44,17 @@ def warmup_cosine(optimizer, trainer: L.Trainer, warmup_epochs: float, min_lr: f
         warmup_prefix=True, t_in_epochs=False,
     )
     return {"scheduler": scheduler, "interval": "step"}
+
+
+def adamw_warmup_cosine(trainer: L.Trainer, param_groups, cfg: dict) -> dict:
+    """Lightning optimiser config of every AdamW-trained module (pre-training, dVAE, fine-tuning):
+    AdamW at ``absolute_lr`` with the per-step warm-up + cosine; weight decay comes with the groups.
+    ``cfg`` holds blr, lr, betas, warmup_epochs and min_lr."""
+    trainer.estimated_stepping_batches  # loads the train loader, which the batch size may come from
+    lr = absolute_lr(trainer, cfg["blr"], cfg.get("lr"))
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg["betas"]))
+    return {"optimizer": optimizer,
+            "lr_scheduler": warmup_cosine(optimizer, trainer, cfg["warmup_epochs"], cfg["min_lr"])}
 
 
 class StepScheduledModule(L.LightningModule):

@@ -9,7 +9,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from mimzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
-from mimzoo.nn import patchify, unpatchify
+from mimzoo.nn import unpatchify
 
 
 def mask_to_pixels(mask: torch.Tensor, grid_size, patch_size: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from mimzoo.optim import absolute_lr, warmup_cosine
+from mimzoo.optim import adamw_warmup_cosine
 
 from .linear import Classifier
 
@@ -77,9 +77,4 @@ class FineTune(Classifier):
                                         layer_decay=h.layer_decay)
 
     def configure_optimizers(self):
-        h = self.hparams
-        self.trainer.estimated_stepping_batches  # loads the train loader the batch size may come from
-        lr = absolute_lr(self.trainer, h.blr, h.lr)
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=lr, betas=tuple(h.betas))
-        scheduler = warmup_cosine(optimizer, self.trainer, h.warmup_epochs, h.min_lr)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return adamw_warmup_cosine(self.trainer, self.param_groups(), dict(self.hparams))

@@ -14,7 +14,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from mimzoo import masking
-from mimzoo.optim import StepScheduledModule, absolute_lr, warmup_cosine
+from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
 
@@ -111,12 +111,7 @@ class MIMMethod(StepScheduledModule):
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self.no_weight_decay())
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        self.trainer.estimated_stepping_batches  # loads the train loader, which the batch size may come from
-        lr = absolute_lr(self.trainer, cfg["blr"], cfg["lr"])
-        optimizer = torch.optim.AdamW(self.param_groups(cfg["weight_decay"]), lr=lr, betas=tuple(cfg["betas"]))
-        return {"optimizer": optimizer,
-                "lr_scheduler": warmup_cosine(optimizer, self.trainer, cfg["warmup_epochs"], cfg["min_lr"])}
+        return adamw_warmup_cosine(self.trainer, self.param_groups(self.optim_cfg["weight_decay"]), self.optim_cfg)
 
     def export_timm(self) -> tuple[dict, dict]:
         """``(kwargs, state_dict)``: ``timm.create_model(**kwargs)`` is the encoder as a plain timm

@@ -19,7 +19,7 @@ from timm.optim import param_groups_weight_decay
 
 from mimzoo.nn.dvae import DiscreteVAE, kl_to_uniform
 from mimzoo.nn.tokenizer import DVAETokenizer
-from mimzoo.optim import StepScheduledModule, absolute_lr, warmup_cosine
+from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine
 
 from .base import MIMMethod, _default_optim
 
@@ -74,11 +74,11 @@ class DVAE(StepScheduledModule):
 
     # --- schedules ----------------------------------------------------------------------------
     def tau(self) -> float:
-        return gumbel_temperature(self.global_step, self.total_steps or 1, **self.tau_cfg) if self.total_steps \
+        return gumbel_temperature(self.global_step, self.total_steps, **self.tau_cfg) if self.total_steps \
             else self.tau_cfg["start"]
 
     def kl_weight(self) -> float:
-        return kl_weight_at(self.global_step, self.total_steps or 1, **self.kl_cfg) if self.total_steps \
+        return kl_weight_at(self.global_step, self.total_steps, **self.kl_cfg) if self.total_steps \
             else self.kl_cfg["weight"]
 
     # --- model --------------------------------------------------------------------------------
@@ -130,12 +130,8 @@ class DVAE(StepScheduledModule):
         return out
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        self.total_steps = int(self.trainer.estimated_stepping_batches)  # also loads the train loader
-        lr = absolute_lr(self.trainer, cfg["blr"], cfg["lr"])
-        optimizer = torch.optim.AdamW(param_groups_weight_decay(self, cfg["weight_decay"]), lr=lr,
-                                      betas=tuple(cfg["betas"]))
-        return {"optimizer": optimizer,
-                "lr_scheduler": warmup_cosine(optimizer, self.trainer, cfg["warmup_epochs"], cfg["min_lr"])}
+        self.total_steps = int(self.trainer.estimated_stepping_batches)  # the tau and KL schedules' length
+        groups = param_groups_weight_decay(self, self.optim_cfg["weight_decay"])
+        return adamw_warmup_cosine(self.trainer, groups, self.optim_cfg)
 
     on_save_checkpoint = MIMMethod.on_save_checkpoint  # records {"mimzoo": {"method": ...}} for load_pretrained

@@ -143,14 +143,19 @@ def test_bf16_mixed_precision_from_config(tmp_path):
     assert ckpt["global_step"] == 2 and ckpt["state_dict"]["encoder.cls_token"].dtype == torch.float32
 
 
-def test_beit_and_dvae_presets_compose():
+def test_each_model_brings_its_mask_and_optimiser():
+    """``model=X`` composes conf/mask/X.yaml and conf/optim/X.yaml; an explicit ``mask=``/``optim.`` wins."""
     from hydra import compose, initialize_config_dir
 
     from mimzoo.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        mae = compose(config_name="train")
         beit = compose(config_name="train", overrides=["experiment=beit", "model.tokenizer.ckpt=x.ckpt"])
-        dvae = compose(config_name="train", overrides=["experiment=dvae"])
+        chosen = compose(config_name="train", overrides=["model=beit", "mask=random", "mask.ratio=0.5"])
+        dvae = compose(config_name="train", overrides=["model=dvae"])
+    assert mae.mask == {"name": "random", "ratio": 0.75} and mae.optim.betas == [0.9, 0.95]
     assert beit.model._target_ == "mimzoo.methods.BEiT" and beit.mask.name == "block" and beit.mask.exact is False
     assert beit.optim.betas == [0.9, 0.999] and beit.trainer.gradient_clip_val == 3.0
+    assert chosen.mask == {"name": "random", "ratio": 0.5} and chosen.optim.blr == 1.875e-4
     assert dvae.model._target_ == "mimzoo.methods.DVAE" and dvae.optim.blr == 1.0e-3

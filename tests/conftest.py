@@ -39,6 +39,13 @@ TINY = [
     "probe.knn.max_bank=512",
 ]
 
+# The same for iBOT: a 64-prototype head, two 12px local crops, no blur on 32px images.
+TINY_IBOT = [
+    "model=ibot", "data=cifar10_mini", "model/encoder=test", "model.head.out_dim=64", "model.head.hidden_dim=32",
+    "model.head.bottleneck_dim=16", "model.views.local_number=2", "model.views.blur=false", "data.batch_size=32",
+    "data.num_workers=0", "trainer.enable_progress_bar=false", "probe.knn.max_bank=256",
+]
+
 TINY_MAE = dict(
     encoder=dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
     decoder=dict(dim=32, depth=1, num_heads=2),

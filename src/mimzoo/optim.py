@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -18,6 +20,23 @@ def effective_batch_size(trainer: L.Trainer) -> int:
 def absolute_lr(trainer: L.Trainer, blr: float, lr: float | None = None) -> float:
     """``lr`` when given, else the linear scaling rule ``blr * effective_batch / 256``."""
     return lr if lr else blr * effective_batch_size(trainer) / 256
+
+
+def cosine_ramp(step: int, total: int, start: float, end: float) -> float:
+    """Half-cosine from ``start`` (step 0) to ``end`` (step ``total``), the schedule of DINO/iBOT's
+    teacher momentum and weight decay; constant ``end`` beyond ``total``."""
+    progress = min(max(step, 0) / max(total, 1), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def steps_per_epoch(trainer: L.Trainer) -> float:
+    """Optimiser steps in one epoch (for schedules configured in epochs)."""
+    total = int(trainer.estimated_stepping_batches)
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    if epochs:
+        return total / epochs
+    batches = trainer.num_training_batches  # inf before the loader is sized: count the run as one epoch
+    return batches / trainer.accumulate_grad_batches if math.isfinite(batches) else max(total, 1)
 
 
 class StepCosineScheduler(CosineLRScheduler):
@@ -36,9 +55,7 @@ def warmup_cosine(optimizer, trainer: L.Trainer, warmup_epochs: float, min_lr: f
     """Lightning scheduler config: linear warm-up from 0 over ``warmup_epochs``, then cosine to
     ``min_lr``, updated every optimiser step; honours per-group ``lr_scale`` (layer decay)."""
     total = int(trainer.estimated_stepping_batches)
-    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-    steps_per_epoch = total / epochs if epochs else trainer.num_training_batches
-    warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(total - 1, 0))
+    warmup = min(int(round(warmup_epochs * steps_per_epoch(trainer))), max(total - 1, 0))
     scheduler = StepCosineScheduler(
         optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup, warmup_lr_init=0.0,
         warmup_prefix=True, t_in_epochs=False,

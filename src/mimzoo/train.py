@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mimzoo.callbacks import ReconstructionPanels
+from mimzoo.data import primary_view
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -46,6 +47,13 @@ def build_model(cfg: DictConfig):
     mask = OmegaConf.to_container(cfg.mask, resolve=True)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     return instantiate(cfg.model, mask=mask, optim=optim, _convert_="all")
+
+
+def build_datamodule(cfg: DictConfig, model):
+    """The data module of ``data``, training on the views the method asks for (iBOT: multi-crop)."""
+    datamodule = instantiate(cfg.data)
+    datamodule.train_views = getattr(model, "train_views", None)
+    return datamodule
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -73,7 +81,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
                         monitor=cfg.checkpoint.monitor, every_n_epochs=cfg.checkpoint.every_n_epochs,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0], window_size=10),
+        ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
     ]
     if cfg.recon.enabled:
         callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
@@ -105,8 +113,8 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
-    datamodule = instantiate(cfg.data)
     model = build_model(cfg)
+    datamodule = build_datamodule(cfg, model)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir, model),
                           logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))

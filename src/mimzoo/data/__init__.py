@@ -2,6 +2,7 @@
 
 from .datamodule import MIMDataModule
 from .datasets import CIFAR, build_dataset
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, build_transform, primary_view
 
-__all__ = ["CIFAR", "IMAGENET_MEAN", "IMAGENET_STD", "MIMDataModule", "build_dataset", "build_transform"]
+__all__ = ["CIFAR", "IMAGENET_MEAN", "IMAGENET_STD", "MIMDataModule", "MultiCrop", "build_dataset", "build_transform",
+           "primary_view"]

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .datasets import build_dataset, num_classes_of
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, build_transform
 
 
 class MIMDataModule(L.LightningDataModule):
@@ -35,13 +35,17 @@ class MIMDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.batch_size = batch_size
+        self.train_views: dict | None = None  # set by methods that train on multi-crop views (iBOT)
         self._sets: dict = {}
 
     def _dataset(self, split: str):
         if split not in self._sets:
             h = self.hparams
             aug = h.train_aug if split == "train" else "eval"
-            tf = build_transform(aug, h.image_size, tuple(h.mean), tuple(h.std), crop_pct=h.crop_pct)
+            if split == "train" and self.train_views:
+                tf = MultiCrop(h.image_size, mean=tuple(h.mean), std=tuple(h.std), **self.train_views)
+            else:
+                tf = build_transform(aug, h.image_size, tuple(h.mean), tuple(h.std), crop_pct=h.crop_pct)
             self._sets[split] = build_dataset(h.name, h.root, train=split != "val", transform=tf,
                                               image_size=h.image_size, download=h.download,
                                               fake_size=h.fake_size, num_classes=h.num_classes)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mimzoo.data import primary_view
+
 from .knn import extract_features, knn_predict
 
 
@@ -85,7 +87,7 @@ class OnlineLinearProbe(L.Callback):
         return feats
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        images, y = batch[0], batch[1]
+        images, y = primary_view(batch[0]), batch[1]
         self.head.train()
         with torch.enable_grad():
             loss = F.cross_entropy(self.head(self._features(pl_module, images)), y)

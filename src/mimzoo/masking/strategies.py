@@ -142,3 +142,41 @@ class CenterMask(MaskStrategy):
             grid[top : top + bh, left : left + bw] = block.view(bh, bw)
             masks.append(grid.flatten())
         return torch.stack(masks)
+
+
+@register_mask("ibot")
+class IBOTMask(MaskStrategy):
+    """iBOT's per-image prediction ratio (bytedance/ibot ``loader.py``): with probability ``skip_prob``
+    an image is left unmasked (plain DINO for that view), otherwise its ratio is drawn from
+    ``U(ratio - ratio_var, ratio + ratio_var)`` and ``int(ratio * L)`` patches are masked, as
+    ``shape`` ``block`` (BEiT's algorithm with iBOT's bounds: blocks of at least
+    ``(min(h, w) // 3) ** 2`` patches unless ``min_num_patches`` is given, aspect in
+    ``[min_aspect, 1/min_aspect]``) or ``rand``. Counts differ per image: for encoders that replace
+    masked tokens (iBOT), not for those that drop them."""
+
+    def __init__(self, ratio: float = 0.3, ratio_var: float = 0.2, skip_prob: float = 0.5, shape: str = "block",
+                 min_num_patches: int | None = None, min_aspect: float = 0.3):
+        super().__init__(ratio)
+        if not 0.0 <= ratio_var <= min(ratio, 1.0 - ratio):
+            raise ValueError(f"ibot mask needs 0 <= ratio_var <= min(ratio, 1 - ratio), got ratio {ratio}, "
+                             f"ratio_var {ratio_var}; iBOT uses mask.ratio=0.3 mask.ratio_var=0.2")
+        if not 0.0 <= skip_prob < 1.0:
+            raise ValueError(f"ibot mask needs skip_prob in [0, 1), got {skip_prob}")
+        if shape not in ("block", "rand"):
+            raise ValueError(f"ibot mask shape must be 'block' or 'rand', got {shape!r}")
+        self.ratio_var, self.skip_prob, self.shape = float(ratio_var), float(skip_prob), shape
+        self.min_num_patches, self.min_aspect = min_num_patches, float(min_aspect)
+
+    def sample(self, batch_size, h, w, k, generator):
+        block = BlockMask(self.ratio, min_num_patches=self.min_num_patches or max(1, (min(h, w) // 3) ** 2),
+                          min_aspect=self.min_aspect, exact=False)
+        masks = torch.zeros(batch_size, h * w, dtype=torch.bool)
+        for i in range(batch_size):
+            if float(torch.rand((), generator=generator)) < self.skip_prob:
+                continue
+            count = int(_uniform(self.ratio - self.ratio_var, self.ratio + self.ratio_var, generator) * h * w)
+            if self.shape == "block":
+                masks[i] = block.sample_one(h, w, count, generator)
+            else:
+                masks[i, torch.randperm(h * w, generator=generator)[:count]] = True
+        return masks

@@ -4,5 +4,7 @@ from .base import MIMMethod, MIMOutput
 from .dvae import DVAE
 from .mae import MAE
 from .beit import BEiT
+from .ibot import iBOT
+from .teacher_student import TeacherStudentMethod
 
-__all__ = ["BEiT", "DVAE", "MAE", "MIMMethod", "MIMOutput"]
+__all__ = ["BEiT", "DVAE", "MAE", "MIMMethod", "MIMOutput", "TeacherStudentMethod", "iBOT"]

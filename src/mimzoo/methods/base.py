@@ -14,7 +14,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from mimzoo import masking
-from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine
+from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine, cosine_ramp
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
 
@@ -108,7 +108,23 @@ class MIMMethod(StepScheduledModule):
         return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self.no_weight_decay())
+        groups = param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self.no_weight_decay())
+        for group in groups:  # which group a weight-decay schedule drives
+            group["decayed"] = group["weight_decay"] > 0
+        return groups
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """With ``optim.weight_decay_end`` set (iBOT/DINO), weight decay follows a per-step cosine
+        from ``optim.weight_decay`` to it on the decayed group."""
+        end = self.optim_cfg.get("weight_decay_end")
+        if end is None:
+            return
+        wd = cosine_ramp(self.global_step, int(self.trainer.estimated_stepping_batches),
+                         self.optim_cfg["weight_decay"], end)
+        for group in self.trainer.optimizers[0].param_groups:
+            if group.get("decayed"):
+                group["weight_decay"] = wd
+        self.log("train/weight_decay", wd)
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.trainer, self.param_groups(self.optim_cfg["weight_decay"]), self.optim_cfg)

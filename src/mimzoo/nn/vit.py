@@ -48,6 +48,7 @@ class ViTEncoder(VisionTransformer):
         mlp_ratio: float = 4.0,
         in_chans: int = 3,
         drop_path_rate: float = 0.0,
+        dynamic_img_size: bool = False,
     ):
         if img_size % patch_size:
             raise ValueError(
@@ -63,6 +64,7 @@ class ViTEncoder(VisionTransformer):
         super().__init__(
             **self.timm_kwargs, num_classes=0, global_pool="token", class_token=True, qkv_bias=True,
             drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            dynamic_img_size=dynamic_img_size,
         )
         self.pos_embed.requires_grad_(False)
         self.initialize_mae()
@@ -88,6 +90,43 @@ class ViTEncoder(VisionTransformer):
         x = torch.cat([cls, x], dim=1)
         x = self.blocks(x)
         return self.norm(x)
+
+
+class MaskTokenViT(ViTEncoder):
+    """iBOT's ViT: a learned, zero-initialised ``mask_token`` (iBOT's ``masked_embed``) replaces the
+    patch embedding of masked patches before ``[CLS]`` and positions are added, and every token goes
+    through the blocks. Learned positions (trunc-normal 0.02) are interpolated for crops of another
+    size (multi-crop local views). Init as iBOT/DINO: trunc-normal(0.02) linears and tokens."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs, dynamic_img_size=True)
+        self.pos_embed.requires_grad_(True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_trunc_normal)
+        self.patch_embed.proj.reset_parameters()  # iBOT leaves the patch conv at PyTorch's default
+
+    def forward_tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm tokens ``[B, 1 + N, D]``; ``mask`` (bool ``[B, N]``, True = masked) swaps the
+        masked patches' embeddings for the mask token, so their pixels never enter."""
+        x = self.patch_embed(images)  # [B, h, w, D] (dynamic image size)
+        if mask is not None:
+            b, h, w, d = x.shape
+            x = torch.where(mask.view(b, h, w, 1), self.mask_token.to(x.dtype).view(1, 1, 1, d), x)
+        x = self._pos_embed(x)
+        x = self.blocks(self.norm_pre(x))
+        return self.norm(x)
+
+
+def _init_trunc_normal(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def init_linear_and_norm(m: nn.Module):

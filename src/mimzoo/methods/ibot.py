@@ -1,0 +1,233 @@
+"""iBOT (Zhou et al., ICLR 2022): masked image modeling with an online tokenizer.
+
+Follows bytedance/ibot ``main_ibot.py`` (``iBOTLoss``), ``models/head.py`` and ``loader.py``: a
+student ViT sees the two global crops with masked patches replaced by a mask token (plus unmasked
+local crops); an EMA teacher sees the global crops unmasked. ``[CLS]`` self-distillation across
+views plus patch-token self-distillation on masked positions of the same view, with centred and
+sharpened teacher targets. The EMA mechanism is shared (:class:`TeacherStudentMethod`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+
+from mimzoo.nn import IBOTHead, MaskTokenViT
+from mimzoo.optim import steps_per_epoch
+
+from .base import MIMOutput
+from .teacher_student import TeacherStudentMethod
+
+NUM_GLOBAL = 2
+
+
+def _head_defaults() -> dict:
+    return dict(out_dim=8192, patch_out_dim=None, hidden_dim=2048, bottleneck_dim=256, num_layers=3,
+                shared_head=True, norm_last_layer=False)
+
+
+def collapse_diagnosis(entropy: float, kl: float, num_prototypes: int, kl_threshold: float = 1e-3) -> str | None:
+    """DINO's two collapse modes both drive KL(teacher || student) to 0: a uniform teacher (entropy near
+    log K) or one dominating dimension (entropy near 0). Returns a message, or None when healthy."""
+    if kl >= kl_threshold:
+        return None
+    mode = "uniform outputs" if entropy > 0.5 * math.log(num_prototypes) else "one dimension dominates"
+    return (f"iBOT looks collapsed ({mode}): KL(teacher || student) {kl:.2e} < {kl_threshold:g}, teacher "
+            f"entropy {entropy:.3f} of log K = {math.log(num_prototypes):.3f}. Check the centring "
+            "(model.center_momentum), the teacher temperature (model.teacher_temp) and the learning rate")
+
+
+class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
+    def __init__(
+        self,
+        encoder: dict,
+        head: dict | None = None,
+        views: dict | None = None,
+        mask: dict | None = None,
+        optim: dict | None = None,
+        drop_path_rate: float = 0.1,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        teacher_patch_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: float = 30,
+        center_momentum: float = 0.9,
+        momentum: float = 0.996,
+        momentum_end: float = 1.0,
+        lambda_cls: float = 1.0,
+        lambda_mim: float = 1.0,
+        freeze_last_layer_epochs: int = 1,
+        clip_grad: float | None = 3.0,
+        eval_backbone: str = "teacher",
+    ):
+        super().__init__(mask=mask, optim=optim, momentum=momentum, momentum_end=momentum_end)
+        self.save_hyperparameters()
+        if eval_backbone not in ("teacher", "student"):
+            raise ValueError(f"model.eval_backbone must be 'teacher' or 'student', got {eval_backbone!r}")
+        head = {**_head_defaults(), **(head or {})}
+        self.student = MaskTokenViT(**{**encoder, "drop_path_rate": drop_path_rate})
+        self.teacher = MaskTokenViT(**{**encoder, "drop_path_rate": 0.0})  # iBOT: no drop-path in the teacher
+        self.student_head = IBOTHead(self.student.embed_dim, **head)
+        self.teacher_head = IBOTHead(self.teacher.embed_dim, **head)
+        self.pair("teacher", "student")
+        self.pair("teacher_head", "student_head")
+        self.register_buffer("center", torch.zeros(1, head["out_dim"]))
+        self.register_buffer("center_patch", torch.zeros(1, 1, head["patch_out_dim"] or head["out_dim"]))
+        self._stats: dict[str, torch.Tensor] = {}
+
+    # --- the encoder, views and evaluation ---------------------------------------------------------
+    @property
+    def encoder(self) -> MaskTokenViT:
+        """The encoder being trained (the student); grid and image size come from it."""
+        return self.student
+
+    @property
+    def train_views(self) -> dict:
+        """The multi-crop the data module must produce; ``local_size`` defaults to 3/7 of the image
+        size (96 for 224, as iBOT), rounded to a multiple of the patch size."""
+        views = {"local_number": 0, "global_scale": (0.14, 1.0), "local_scale": (0.05, 0.4), "local_size": None,
+                 **(self.hparams.views or {})}
+        if views["local_size"] is None:
+            p = self.student.patch_embed.patch_size[0]
+            views["local_size"] = max(p, round(self.image_size[0] * 3 / 7 / p) * p)
+        return views
+
+    def _eval_backbone(self) -> MaskTokenViT:
+        return self.teacher if self.hparams.eval_backbone == "teacher" else self.student
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The ``[CLS]`` token of the teacher backbone (iBOT's kNN/linear protocol) or of the student."""
+        return self._eval_backbone().forward_tokens(images)[:, 0]
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Student tokens ``[B, 1 + N, D]``; with a mask, masked patches are the mask token."""
+        return self.student.forward_tokens(images, None if mask is None else self.resolve_mask(images, mask))
+
+    def export_timm(self) -> tuple[dict, dict]:
+        backbone = self._eval_backbone()
+        kwargs = {"model_name": "vit_base_patch16_224", "pretrained": False, "num_classes": 0,
+                  "global_pool": "token", **backbone.timm_kwargs}
+        state = {k: v.detach().cpu() for k, v in backbone.state_dict().items() if k != "mask_token"}
+        return kwargs, state
+
+    # --- schedules ----------------------------------------------------------------------------------
+    def teacher_temps(self) -> tuple[float, float]:
+        """``(tau_cls, tau_patch)``: linear warm-up from ``warmup_teacher_temp`` over
+        ``warmup_teacher_temp_epochs``, per step; the final values outside a trainer."""
+        h = self.hparams
+        frac = 1.0
+        if self._trainer is not None and h.warmup_teacher_temp_epochs > 0:
+            frac = min(self.global_step / (h.warmup_teacher_temp_epochs * steps_per_epoch(self.trainer)), 1.0)
+        start = h.warmup_teacher_temp
+        return start + frac * (h.teacher_temp - start), start + frac * (h.teacher_patch_temp - start)
+
+    # --- forward and loss ---------------------------------------------------------------------------
+    def forward(self, crops: list[torch.Tensor], masks: list[torch.Tensor] | None = None) -> MIMOutput:
+        """``crops``: ``[global_1, global_2, local_1, ...]`` (global crops at the model's image size);
+        ``masks``: one bool ``[B, N]`` per global crop, drawn from the mask strategy when None."""
+        if isinstance(crops, torch.Tensor) or len(crops) < NUM_GLOBAL:
+            raise ValueError("iBOT takes a list of views [global_1, global_2, local...]; the data module makes "
+                             "them when the model's train_views are set (mimzoo-train does this)")
+        masks = masks or [None] * NUM_GLOBAL
+        masks = [self.resolve_mask(g, m) for g, m in zip(crops[:NUM_GLOBAL], masks)]
+        globals_, mask = torch.cat(crops[:NUM_GLOBAL]), torch.cat(masks)
+        with torch.no_grad():
+            t_tokens = self.teacher.forward_tokens(globals_)
+            t_cls, t_patch = self.teacher_head(t_tokens)
+        s_cls, s_patch = self.student_head(self.student.forward_tokens(globals_, mask))
+        if len(crops) > NUM_GLOBAL:  # local crops: a second pass, unmasked, [CLS] only
+            s_local = self.student_head(self.student.forward_tokens(torch.cat(crops[NUM_GLOBAL:]))[:, :1])[0]
+            s_cls = torch.cat([s_cls, s_local])
+        loss_cls, loss_mim, entropy = self.loss(s_cls, s_patch, t_cls, t_patch, mask)
+        loss = self.hparams.lambda_cls * loss_cls + self.hparams.lambda_mim * loss_mim
+        with torch.no_grad():
+            feats = F.normalize(t_tokens[:, 0].float(), dim=-1)
+            logs = {"loss_cls": loss_cls.detach(), "loss_mim": loss_mim.detach(), "teacher_entropy": entropy,
+                    "teacher_student_kl": loss_cls.detach() - entropy, "teacher_cls_std": feats.std(0).mean(),
+                    "mask_ratio": mask.float().mean()}
+        if self.training:
+            self.update_center(t_cls, t_patch)
+            self._stats = logs  # read by the collapse check at the epoch's end
+        return MIMOutput(loss=loss, mask=mask, logs=logs)
+
+    def loss(self, s_cls, s_patch, t_cls, t_patch, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(L_cls, L_mim, teacher entropy)`` as iBOTLoss: ``L_cls`` averages the cross-entropy over
+        ordered (global q, any view v != q) pairs; ``L_mim`` is the in-view patch cross-entropy over
+        masked positions, per image divided by its masked count (unmasked images add 0)."""
+        tau, tau_patch = self.teacher_temps()
+        num_views = s_cls.shape[0] // (t_cls.shape[0] // NUM_GLOBAL)
+        p_cls = F.softmax((t_cls.float() - self.center) / tau, dim=-1).chunk(NUM_GLOBAL)
+        p_patch = F.softmax((t_patch.float() - self.center_patch) / tau_patch, dim=-1).chunk(NUM_GLOBAL)
+        log_q_cls = F.log_softmax(s_cls.float() / self.hparams.student_temp, dim=-1).chunk(num_views)
+        log_q_patch = F.log_softmax(s_patch.float() / self.hparams.student_temp, dim=-1).chunk(NUM_GLOBAL)
+        masks = mask.float().chunk(NUM_GLOBAL)
+        cls_terms, mim_terms = [], []
+        for q in range(NUM_GLOBAL):
+            for v, log_q in enumerate(log_q_cls):
+                if v == q:
+                    ce = -(p_patch[q] * log_q_patch[q]).sum(-1)  # [B, N]
+                    mim_terms.append(((ce * masks[q]).sum(-1) / masks[q].sum(-1).clamp(min=1.0)).mean())
+                else:
+                    cls_terms.append(-(p_cls[q] * log_q).sum(-1).mean())
+        with torch.no_grad():
+            p = torch.cat(p_cls)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        return torch.stack(cls_terms).mean(), torch.stack(mim_terms).mean(), entropy
+
+    @torch.no_grad()
+    def update_center(self, t_cls: torch.Tensor, t_patch: torch.Tensor) -> None:
+        """EMA of the teacher's batch-mean outputs, averaged over all ranks (so every rank centres alike)."""
+        m = self.hparams.center_momentum
+        cls_mean = self._mean_over_ranks(t_cls.float().mean(0, keepdim=True))
+        patch_mean = self._mean_over_ranks(t_patch.float().mean(1).mean(0, keepdim=True))
+        self.center.mul_(m).add_(cls_mean, alpha=1 - m)
+        self.center_patch.mul_(m).add_(patch_mean.unsqueeze(0), alpha=1 - m)
+
+    def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.trainer.strategy.reduce(x, reduce_op="mean")
+
+    # --- training hooks -------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        tau, tau_patch = self.teacher_temps()
+        self.log("train/teacher_temp", tau)
+        self.log("train/teacher_patch_temp", tau_patch)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        """Two global views (the image and its mirror image) with fixed masks: a val/loss that compares
+        across runs; the centres are not updated."""
+        images = batch[0]
+        generator = torch.Generator().manual_seed(self.val_mask_seed + batch_idx)
+        masks = [self.draw_mask(images.shape[0], generator) for _ in range(NUM_GLOBAL)]
+        out = self([images, images.flip(-1)], masks)
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)
+        return out
+
+    def on_train_epoch_end(self):
+        """Say so when the run has collapsed (logged as ``train/collapsed``)."""
+        if not self._stats:
+            return
+        message = collapse_diagnosis(float(self._stats["teacher_entropy"]), float(self._stats["teacher_student_kl"]),
+                                     self.center.shape[-1])
+        self.log("train/collapsed", float(message is not None))
+        if message:
+            rank_zero_warn(f"epoch {self.current_epoch}: {message}")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """iBOT: drop the last layer's gradients in the first ``freeze_last_layer_epochs`` epochs, then
+        clip each parameter tensor's gradient to norm ``clip_grad`` separately; trainer clipping after."""
+        if self.current_epoch < self.hparams.freeze_last_layer_epochs:
+            for p in self.student_head.last_layer_parameters():
+                p.grad = None
+        if self.hparams.clip_grad:
+            for p in self.parameters():
+                if p.grad is not None:
+                    torch.nn.utils.clip_grad_norm_(p, self.hparams.clip_grad)
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -1,0 +1,341 @@
+"""iBOT: EMA teacher, masking, loss, centring and temperatures, head, multi-crop, collapse signals,
+and the whole run through the Hydra entry points (train, resume, kNN eval, export)."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_IBOT
+from mimzoo import masking
+from mimzoo.data import MIMDataModule, MultiCrop
+from mimzoo.methods import iBOT
+from mimzoo.methods.ibot import collapse_diagnosis
+from mimzoo.nn import IBOTHead
+from mimzoo.optim import cosine_ramp
+
+ENC = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+HEAD = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)
+MASK = dict(name="ibot", ratio=0.3, ratio_var=0.2)
+
+
+def tiny_ibot(**kwargs):
+    torch.manual_seed(0)
+    return iBOT(encoder=ENC, head=HEAD, mask=MASK, **kwargs)
+
+
+def crops(batch=4, local=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(2)] + \
+           [torch.randn(batch, 3, 12, 12, generator=g) for _ in range(local)]
+
+
+def fixed_masks(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, 64, generator=g) < 0.4 for _ in range(2)]
+
+
+def state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# --- the EMA teacher ------------------------------------------------------------------------------
+class Capture(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.teacher_before = state(pl_module.teacher)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.student_after, self.teacher_after = state(pl_module.student), state(pl_module.teacher)
+        self.teacher_grads = [p.grad for p in pl_module.teacher.parameters()]
+
+
+def fit_tiny(model, steps=1, callbacks=(), **trainer_kwargs):
+    dm = MIMDataModule("cifar10-mini", batch_size=16, num_workers=0)
+    dm.train_views = {**model.train_views, "blur": False}
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=list(callbacks), **trainer_kwargs)
+    trainer.fit(model, datamodule=dm)
+    return trainer
+
+
+def test_ema_update_after_a_step_and_teacher_gets_no_gradients():
+    model, cap = tiny_ibot(views=dict(local_number=1), freeze_last_layer_epochs=0), Capture()
+    fit_tiny(model, steps=1, callbacks=[cap])
+    m = model.momentum_at(0)
+    assert m == pytest.approx(0.996)
+    assert all(g is None for g in cap.teacher_grads) and not any(p.requires_grad for p in model.teacher.parameters())
+    moved = 0
+    for name, after in cap.teacher_after.items():
+        expected = m * cap.teacher_before[name] + (1 - m) * cap.student_after[name]
+        torch.testing.assert_close(after, expected, rtol=0, atol=1e-6)
+        moved += not torch.equal(after, cap.teacher_before[name])
+    assert moved > 10  # the student really moved, so the check is not on untouched copies
+
+
+def test_teacher_starts_as_the_student_and_momentum_is_a_per_step_cosine():
+    model = tiny_ibot()
+    for (name, t), s in zip(model.teacher.state_dict().items(), model.student.state_dict().values()):
+        assert torch.equal(t, s), name
+    assert cosine_ramp(0, 100, 0.996, 1.0) == pytest.approx(0.996)
+    assert cosine_ramp(50, 100, 0.996, 1.0) == pytest.approx(0.998)
+    assert cosine_ramp(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        tiny_ibot(momentum=1.2)
+
+
+# --- masking and the MIM loss ---------------------------------------------------------------------
+def test_student_encode_ignores_masked_pixels():
+    model = tiny_ibot().eval()
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, 10:30] = True
+    changed = images.clone()
+    pix = torch.zeros(2, 64, dtype=torch.bool)
+    pix[:, 10:30] = True
+    pixel_mask = pix.view(2, 8, 8).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).expand_as(images)
+    changed[pixel_mask] = 1e4
+    assert torch.equal(model.encode(images, mask), model.encode(changed, mask))
+    assert not torch.equal(model.encode(images), model.encode(changed))  # unmasked, the change is seen
+    x = images.clone().requires_grad_(True)
+    model.encode(x, mask).sum().backward()
+    assert x.grad[pixel_mask].abs().max() == 0 and x.grad[~pixel_mask].abs().max() > 0
+
+
+def manual_mim(s_patch, t_patch, mask, center, tau_t, tau_s):
+    """iBOTLoss's patch term written out per image."""
+    terms = []
+    for q in range(2):
+        sl = slice(q * 4, (q + 1) * 4)
+        p = F.softmax((t_patch[sl] - center) / tau_t, -1)
+        ce = -(p * F.log_softmax(s_patch[sl] / tau_s, -1)).sum(-1)
+        per_image = [(ce[b][mask[sl][b]].sum() / max(int(mask[sl][b].sum()), 1)) for b in range(4)]
+        terms.append(torch.stack(per_image).mean())
+    return torch.stack(terms).mean()
+
+
+def test_mim_loss_uses_masked_positions_only_and_matches_the_formula():
+    model = tiny_ibot()
+    g = torch.Generator().manual_seed(1)
+    s_cls, t_cls = torch.randn(12, 64, generator=g), torch.randn(8, 64, generator=g)
+    s_patch, t_patch = torch.randn(8, 64, 64, generator=g), torch.randn(8, 64, 64, generator=g)
+    mask = torch.rand(8, 64, generator=g) < 0.3
+    mask[3] = False  # an unmasked image adds 0 but still counts in the batch mean
+    _, mim, _ = model.loss(s_cls, s_patch, t_cls, t_patch, mask)
+    torch.testing.assert_close(mim, manual_mim(s_patch, t_patch, mask, model.center_patch, 0.07, 0.1))
+    noise = torch.randn(8, 64, 64, generator=g) * (~mask).unsqueeze(-1)
+    _, mim2, _ = model.loss(s_cls, s_patch + noise, t_cls, t_patch + noise, mask)
+    torch.testing.assert_close(mim, mim2)  # visible positions change nothing
+    _, mim3, _ = model.loss(s_cls, s_patch + 3 * noise.roll(1, 1), t_cls, t_patch, mask)
+    assert not torch.allclose(mim, mim3)
+
+
+def test_cls_loss_averages_all_cross_view_pairs():
+    model = tiny_ibot()
+    g = torch.Generator().manual_seed(2)
+    s_cls, t_cls = torch.randn(16, 64, generator=g), torch.randn(8, 64, generator=g)  # 4 views of 4 images
+    patch = torch.zeros(8, 64, 64)
+    cls, _, entropy = model.loss(s_cls, patch, t_cls, patch, torch.zeros(8, 64, dtype=torch.bool))
+    p = F.softmax(t_cls / 0.07, -1).chunk(2)
+    log_q = F.log_softmax(s_cls / 0.1, -1).chunk(4)
+    pairs = [-(p[q] * log_q[v]).sum(-1).mean() for q in range(2) for v in range(4) if v != q]
+    assert len(pairs) == 6
+    torch.testing.assert_close(cls, torch.stack(pairs).mean())
+    torch.testing.assert_close(entropy, -(torch.cat(p) * torch.cat(p).log()).sum(-1).mean())
+
+
+def test_constant_teacher_output_gives_the_uniform_target_after_centring():
+    model = tiny_ibot()
+    constant = torch.randn(1, 64).expand(8, 64) * 5
+    patches = torch.randn(1, 1, 64).expand(8, 64, 64) * 5
+    before = F.softmax((constant - model.center) / 0.04, -1)
+    assert before.max() > 0.5  # sharp before centring
+    for _ in range(200):
+        model.update_center(constant, patches)
+    torch.testing.assert_close(model.center, constant[:1], atol=1e-4, rtol=0)
+    target = F.softmax((constant - model.center) / 0.04, -1)
+    torch.testing.assert_close(target, torch.full_like(target, 1 / 64), atol=1e-3, rtol=0)
+    target_patch = F.softmax((patches - model.center_patch) / 0.04, -1)
+    torch.testing.assert_close(target_patch, torch.full_like(target_patch, 1 / 64), atol=1e-3, rtol=0)
+    # One update moves the centre by (1 - m) of the gap, m = 0.9.
+    fresh = tiny_ibot()
+    fresh.update_center(constant, patches)
+    torch.testing.assert_close(fresh.center, 0.1 * constant[:1])
+
+
+def test_sharpening_and_teacher_temperature_warm_up():
+    logits = torch.randn(4, 64)
+    entropy = lambda t: -(F.softmax(logits / t, -1) * F.log_softmax(logits / t, -1)).sum(-1).mean()  # noqa: E731
+    assert entropy(0.04) < entropy(0.07) < entropy(0.1)
+    model = tiny_ibot(warmup_teacher_temp_epochs=2, teacher_temp=0.07, teacher_patch_temp=0.05)
+    assert model.teacher_temps() == (0.07, 0.05)  # outside a trainer: the final values
+
+    class Temps(L.Callback):
+        seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(pl_module.teacher_temps())
+
+    fit_tiny(model, steps=-1, max_epochs=4, limit_train_batches=2, callbacks=[Temps()])  # warm-up: 4 of 8 steps
+    assert [t for t, _ in Temps.seen] == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07, 0.07, 0.07])
+    assert Temps.seen[2][1] == pytest.approx(0.045)
+
+
+def test_ibot_mask_rule():
+    strategy = masking.build("ibot", ratio=0.3, ratio_var=0.2)
+    masks = strategy(2000, (14, 14), generator=torch.Generator().manual_seed(0))
+    counts = masks.sum(1)
+    unmasked = (counts == 0).float().mean()
+    assert 0.45 < unmasked < 0.55
+    masked = counts[counts > 0].float() / 196
+    assert masked.min() >= 0.07 and masked.max() <= 0.5 and 0.25 < masked.mean() < 0.32
+    again = strategy(2000, (14, 14), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again)
+    rand = masking.build("ibot", ratio=0.3, ratio_var=0.2, shape="rand", skip_prob=0.0)
+    c = rand(500, (14, 14), generator=torch.Generator().manual_seed(0)).sum(1)
+    assert c.min() >= int(0.1 * 196) and c.max() <= int(0.5 * 196)
+    with pytest.raises(ValueError, match="ratio_var"):
+        masking.build("ibot", ratio=0.3, ratio_var=0.4)
+
+
+# --- head, views, optimisation details ------------------------------------------------------------
+def test_head_shapes_sharing_and_frozen_norm():
+    shared = IBOTHead(32, out_dim=64, hidden_dim=32, bottleneck_dim=16, shared_head=True, norm_last_layer=True)
+    cls, patch = shared(torch.randn(2, 5, 32))
+    assert cls.shape == (2, 64) and patch.shape == (2, 4, 64) and shared.last_layer2 is shared.last_layer
+    g = shared.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.equal(g, torch.ones_like(g))
+    w = shared.last_layer.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(64))  # weight-normalised rows of norm g = 1
+    separate = IBOTHead(32, out_dim=64, patch_out_dim=48, hidden_dim=32, bottleneck_dim=16, shared_head=False,
+                        norm_last_layer=False)
+    cls, patch = separate(torch.randn(2, 5, 32))
+    assert patch.shape == (2, 4, 48) and separate.last_layer2 is not separate.last_layer
+    assert separate.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_multicrop_views():
+    from PIL import Image
+
+    tf = MultiCrop(32, local_size=12, local_number=3, blur=True)
+    views = tf(Image.new("RGB", (32, 32), (120, 30, 200)))
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 12, 12)] * 3
+    assert tiny_ibot(views=dict(local_number=3)).train_views["local_size"] == 12  # 3/7 of 32, multiple of 4
+
+
+def test_last_layer_frozen_in_the_first_epoch_and_per_tensor_clipping():
+    model = tiny_ibot(clip_grad=1e-3)
+    last = [p.detach().clone() for p in model.student_head.last_layer_parameters() if p.requires_grad]
+    first = model.student.blocks[0].attn.qkv.weight.detach().clone()
+    fit_tiny(model, steps=1)
+    trainable = [p for p in model.student_head.last_layer_parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(last, trainable))
+    assert not torch.equal(first, model.student.blocks[0].attn.qkv.weight)
+    model.zero_grad()
+    model.encode(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
+    model.configure_gradient_clipping(None)
+    norms = [p.grad.norm() for p in model.student.parameters() if p.grad is not None]
+    assert max(norms) <= 1e-3 * (1 + 1e-4) and len(norms) > 10
+
+
+def test_weight_decay_follows_its_cosine():
+    model = tiny_ibot(optim=dict(weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=0))
+    trainer = fit_tiny(model, steps=3)
+    groups = trainer.optimizers[0].param_groups
+    decayed = [g for g in groups if g["decayed"]]
+    assert len(decayed) == 1 and all(g["weight_decay"] == 0 for g in groups if not g["decayed"])
+    assert decayed[0]["weight_decay"] == pytest.approx(cosine_ramp(2, 3, 0.04, 0.4))  # set before the last step
+
+
+def test_collapse_diagnosis():
+    assert collapse_diagnosis(entropy=2.0, kl=0.5, num_prototypes=64) is None
+    assert "uniform" in collapse_diagnosis(entropy=math.log(64) - 1e-3, kl=1e-6, num_prototypes=64)
+    assert "one dimension" in collapse_diagnosis(entropy=1e-3, kl=1e-6, num_prototypes=64)
+
+
+def test_forward_logs_collapse_signals_and_rejects_single_tensors():
+    model = tiny_ibot()
+    out = model(crops(), fixed_masks())
+    for key in ("loss_cls", "loss_mim", "teacher_entropy", "teacher_student_kl", "teacher_cls_std", "mask_ratio"):
+        assert torch.isfinite(out.logs[key]), key
+    assert out.logs["teacher_student_kl"] >= 0 and 0 < out.logs["teacher_entropy"] <= math.log(64)
+    with pytest.raises(ValueError, match="list of views"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+# --- export and the entry points ------------------------------------------------------------------
+def test_export_is_the_teacher_as_a_strict_timm_vit():
+    model = tiny_ibot().eval()
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # teacher != student
+    kwargs, sd = model.export_timm()
+    vit = timm.create_model(**kwargs)
+    vit.load_state_dict(sd, strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(vit.eval()(images), model.features(images))
+    assert not torch.allclose(model.student.forward_tokens(images)[:, 0], model.features(images))
+
+
+TRAIN = [sys.executable, "-m", "mimzoo.train"]
+
+
+def run(*overrides):
+    proc = subprocess.run([*TRAIN, *TINY_IBOT, *overrides], capture_output=True, text=True, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def test_end_to_end_train_resume_eval_and_export(tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
+              "logger=csv", f"hydra.run.dir={run_dir}"]
+    run("trainer.max_epochs=1", *common)
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 3 and first["hyper_parameters"]["mask"]["name"] == "ibot"
+    assert first["state_dict"]["center"].abs().sum() > 0
+    run("trainer.max_epochs=2", "ckpt_path=last", *common)
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert second["global_step"] == 6
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    logged = {k for r in rows for k, v in r.items() if v}
+    for key in ("train/loss_cls", "train/loss_mim", "train/teacher_entropy", "train/teacher_student_kl",
+                "train/teacher_cls_std", "train/ema_momentum", "train/teacher_temp", "train/weight_decay",
+                "train/collapsed", "val/loss", "probe/knn_top1"):
+        assert key in logged, key
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/ema_momentum")})
+    assert steps[-1] == 5  # the resumed run continued the step count
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "mimzoo.evaluate", "protocol=knn",
+                           f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "data=cifar10_mini", "data.num_workers=0",
+                           "data.batch_size=64", f"hydra.run.dir={out}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 0 <= json.loads((out / "results.json").read_text())["top1"] <= 1
+    from mimzoo.checkpoints import export_encoder
+
+    kwargs = export_encoder(run_dir / "checkpoints" / "last.ckpt", tmp_path / "vit.pth")
+    timm.create_model(**kwargs).load_state_dict(torch.load(tmp_path / "vit.pth"), strict=True)
+
+
+def test_model_ibot_composes_its_mask_optimiser_and_views():
+    from hydra import compose, initialize_config_dir
+
+    from mimzoo.train import CONFIG_DIR, build_datamodule, build_model
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY_IBOT, "model.views.local_number=3"])
+    assert cfg.mask.name == "ibot" and cfg.optim.weight_decay_end == 0.4 and cfg.optim.blr == 5e-4
+    model = build_model(cfg)
+    dm = build_datamodule(cfg, model)
+    dm.setup("fit")
+    images, _ = next(iter(dm.train_dataloader()))
+    assert [tuple(v.shape[1:]) for v in images] == [(3, 32, 32)] * 2 + [(3, 12, 12)] * 3
+    assert Path(CONFIG_DIR, "mask", "ibot.yaml").exists()

@@ -1,4 +1,5 @@
-"""Run by test_ddp.py: MAE through the ``trainer=ddp`` config on 2 CPU processes (gloo).
+"""Run by test_ddp.py: a method (MAE, or iBOT with ``ibot``) through the ``trainer=ddp`` config on 2 CPU
+processes (gloo).
 
 Lightning re-launches this script for rank 1. Each rank saves its final weights and the labels of
 its first batch, so the test can check that ranks saw different data yet ended identical.
@@ -12,10 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mimzoo.train import CONFIG_DIR, build_model
+from mimzoo.train import CONFIG_DIR, build_datamodule, build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY  # noqa: E402
+from conftest import TINY, TINY_IBOT  # noqa: E402
 
 
 class DumpRankState(L.Callback):
@@ -35,16 +36,17 @@ class DumpRankState(L.Callback):
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(out: Path):
-    overrides = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3",
+def main(out: Path, method: str):
+    overrides = [*(TINY_IBOT if method == "ibot" else TINY), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3",
                  "trainer.limit_val_batches=0", "logger=csv", "data.batch_size=16"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     L.seed_everything(cfg.seed, workers=True)
     trainer = instantiate(cfg.trainer, callbacks=[DumpRankState(out)], logger=False, enable_checkpointing=False,
                           default_root_dir=str(out))
-    trainer.fit(build_model(cfg), datamodule=instantiate(cfg.data))
+    model = build_model(cfg)
+    trainer.fit(model, datamodule=build_datamodule(cfg, model))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "mae")

@@ -1,4 +1,5 @@
-"""DDP for real: two CPU processes with gloo end with identical weights after different batches."""
+"""DDP for real: two CPU processes with gloo end with identical weights after different batches
+(MAE), and with an identical EMA teacher and all-reduced centres (iBOT)."""
 
 import os
 import subprocess
@@ -8,13 +9,17 @@ from pathlib import Path
 import torch
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+def run_two_ranks(tmp_path, method: str):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)
+    proc = subprocess.run([sys.executable, str(worker), str(tmp_path), method], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    r0, r1 = run_two_ranks(tmp_path, "mae")
     assert r0["world_size"] == r1["world_size"] == 2
     assert not torch.equal(r0["labels"], r1["labels"])  # each rank drew its own shard of the data
     assert r0["state"].keys() == r1["state"].keys()
@@ -23,3 +28,17 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     # Training moved the weights, so equality is not two untouched copies.
     name = "encoder.blocks.0.attn.qkv.weight"
     assert not torch.equal(r0["initial"][name], r0["state"][name])
+
+
+def test_two_process_ibot_teacher_and_centres_identical(tmp_path):
+    """Ranks see different crops, so centres updated from local batches alone would differ (the last
+    update comes after DDP's last buffer broadcast): equality shows they are all-reduced."""
+    r0, r1 = run_two_ranks(tmp_path, "ibot")
+    assert not torch.equal(r0["labels"], r1["labels"])
+    teacher = [k for k in r0["state"] if k.startswith(("teacher.", "teacher_head."))]
+    assert len(teacher) > 20
+    for name in teacher + ["center", "center_patch"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    assert r0["state"]["center"].abs().sum() > 0
+    name = "teacher.blocks.0.attn.qkv.weight"
+    assert not torch.equal(r0["initial"][name], r0["state"][name])  # the EMA moved the teacher

@@ -30,7 +30,7 @@ MASK = dict(name="ibot", ratio=0.3, ratio_var=0.2)
 
 def tiny_ibot(**kwargs):
     torch.manual_seed(0)
-    return iBOT(encoder=ENC, head=HEAD, mask=MASK, **kwargs)
+    return iBOT(**{"encoder": ENC, "head": HEAD, "mask": MASK, **kwargs})
 
 
 def crops(batch=4, local=2, seed=0):
@@ -339,3 +339,72 @@ def test_model_ibot_composes_its_mask_optimiser_and_views():
     images, _ = next(iter(dm.train_dataloader()))
     assert [tuple(v.shape[1:]) for v in images] == [(3, 32, 32)] * 2 + [(3, 12, 12)] * 3
     assert Path(CONFIG_DIR, "mask", "ibot.yaml").exists()
+
+
+# --- official checkpoints and equivalence ---------------------------------------------------------
+def official_format(model):
+    """Write a mimzoo iBOT as bytedance/ibot's training checkpoint (its own key mapping, not the importer's)."""
+    def part(prefix, head_prefix):
+        out = {}
+        for k, v in model.state_dict().items():
+            if k.startswith(prefix + "."):
+                k = "backbone." + k[len(prefix) + 1:]
+                out[k.replace("mask_token", "masked_embed")] = v.reshape(-1) if k.endswith("mask_token") else v
+            elif k.startswith(head_prefix + "."):
+                k = "head." + k[len(head_prefix) + 1:]
+                out[k.replace("parametrizations.weight.original0", "weight_g")
+                     .replace("parametrizations.weight.original1", "weight_v")] = v
+        return out
+
+    return {"teacher": part("teacher", "teacher_head"),
+            "student": {f"module.{k}": v for k, v in part("student", "student_head").items()},
+            "ibot_loss": {"center": model.center.clone(), "center2": model.center_patch.clone()}, "epoch": 3}
+
+
+def perturbed(**kwargs):
+    model = tiny_ibot(**kwargs)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in list(model.parameters()) + [model.center, model.center_patch]:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("shared_head", [True, False])
+def test_official_checkpoint_imports_and_gives_the_official_loss(tmp_path, shared_head):
+    from reference_ibot import ibot_loss
+
+    from mimzoo.checkpoints import load_official
+
+    model = perturbed(head={**HEAD, "shared_head": shared_head})
+    official = official_format(model)
+    torch.save(official, tmp_path / "checkpoint.pth")
+    imported = load_official("ibot", tmp_path / "checkpoint.pth", encoder={"num_heads": 2})
+    assert imported.hparams.head["shared_head"] is shared_head
+    for k, v in model.state_dict().items():
+        assert torch.equal(imported.state_dict()[k], v), k
+    views, masks = crops(local=2), fixed_masks()
+    ours = imported(views, masks).loss
+    ref = ibot_loss(official["teacher"], {k[len("module."):]: v for k, v in official["student"].items()},
+                    official["ibot_loss"]["center"], official["ibot_loss"]["center2"], views,
+                    [m.view(4, 8, 8) for m in masks], num_heads=2, temps=(0.1, 0.07, 0.07))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_official_backbone_release_imports_both_backbones(tmp_path):
+    from mimzoo.checkpoints import load_official
+
+    model = perturbed()
+    backbone = {k[len("backbone."):]: v for k, v in official_format(model)["teacher"].items()
+                if k.startswith("backbone.")}
+    torch.save({"state_dict": backbone}, tmp_path / "checkpoint_teacher.pth")
+    with pytest.warns(UserWarning, match="backbone only"):
+        imported = load_official("ibot", tmp_path / "checkpoint_teacher.pth", encoder={"num_heads": 2},
+                                 head=HEAD)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(imported.features(images), model.features(images))
+    torch.testing.assert_close(imported.student.forward_tokens(images), model.teacher.forward_tokens(images))
+    del backbone["blocks.1.mlp.fc2.weight"]
+    torch.save(backbone, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="missing keys"):
+        load_official("ibot", tmp_path / "broken.pth", encoder={"num_heads": 2}, head=HEAD)

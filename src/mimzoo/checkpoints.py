@@ -246,3 +246,108 @@ def _import_mae(ckpt, path: str, overrides: dict):
                       stacklevel=3)
         state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
     return _load_strict(model, state, _mae_official_name, path, _MAE_HINT)
+
+
+# iBOT: official ``vision_transformer.py`` keys are timm's, plus ``masked_embed`` [D]; the head's
+# weight-normalised last layers are ``weight_g``/``weight_v`` (``nn.utils.weight_norm``).
+_IBOT_HEAD_RENAMES = (("last_layer.weight_g", "last_layer.parametrizations.weight.original0"),
+                      ("last_layer.weight_v", "last_layer.parametrizations.weight.original1"),
+                      ("last_layer2.weight_g", "last_layer2.parametrizations.weight.original0"),
+                      ("last_layer2.weight_v", "last_layer2.parametrizations.weight.original1"))
+_IBOT_HINT = (
+    "mimzoo-import ibot expects a bytedance/ibot checkpoint: a training checkpoint (checkpoint.pth with "
+    "'teacher', 'student' and 'ibot_loss') or a released backbone (checkpoint_teacher.pth, {'state_dict': ...} "
+    "or a bare ViT state dict). Pass encoder.num_heads=... for non-standard widths."
+)
+
+
+def _ibot_official_part(key: str) -> str:
+    """Our key -> the official one, for error messages."""
+    for prefix, official in (("teacher_head.", "teacher: head."), ("student_head.", "student: head."),
+                             ("teacher.", "teacher: backbone."), ("student.", "student: backbone.")):
+        if key.startswith(prefix):
+            rest = key[len(prefix):].replace("mask_token", "masked_embed")
+            for old, new in _IBOT_HEAD_RENAMES:
+                rest = rest.replace(new, old)
+            return official + rest
+    return {"center": "ibot_loss: center", "center_patch": "ibot_loss: center2"}.get(key, key)
+
+
+def _ibot_part(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _ibot_backbone(sd: dict) -> dict:
+    out = {k: v for k, v in sd.items() if k != "masked_embed" and not k.startswith("head.")}
+    if "masked_embed" in sd:
+        out["mask_token"] = sd["masked_embed"].reshape(1, 1, -1)
+    return out
+
+
+def _ibot_head(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for old, new in _IBOT_HEAD_RENAMES:
+            if k == old:
+                k = new
+        out[k] = v
+    return out
+
+
+@register_importer("ibot")
+def _import_ibot(ckpt, path: str, overrides: dict):
+    """bytedance/ibot weights -> :class:`mimzoo.methods.iBOT` (student, teacher, heads and centres when
+    the file has them; a backbone-only release initialises both backbones from it, heads fresh)."""
+    from mimzoo.methods.ibot import iBOT, _head_defaults
+
+    full = isinstance(ckpt, dict) and "teacher" in ckpt
+    if full:
+        teacher = _ibot_part(ckpt["teacher"], "module.") or ckpt["teacher"]
+        student = _ibot_part(ckpt["student"], "module.") or ckpt["student"]
+        t_backbone, s_backbone = _ibot_part(teacher, "backbone."), _ibot_part(student, "backbone.")
+        t_head, s_head = _ibot_part(teacher, "head."), _ibot_part(student, "head.")
+    else:
+        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+        sd = _ibot_part(sd, "backbone.") or sd
+        t_backbone = s_backbone = sd
+        t_head = s_head = None
+    if not isinstance(t_backbone, dict) or "patch_embed.proj.weight" not in t_backbone:
+        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not an iBOT checkpoint (no ViT backbone found; top-level keys {keys})\n{_IBOT_HINT}")
+    dim, in_chans, patch, _ = t_backbone["patch_embed.proj.weight"].shape
+    grid = math.isqrt(t_backbone["pos_embed"].shape[1] - 1)
+    encoder = dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=_num_blocks(t_backbone, "blocks."),
+                   num_heads=_STANDARD_HEADS.get(dim, max(1, dim // 64)),
+                   mlp_ratio=t_backbone["blocks.0.mlp.fc1.weight"].shape[0] / dim, in_chans=in_chans)
+    head = _head_defaults()
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if t_head:
+        linears = sorted(int(k.split(".")[1]) for k in t_head if k.startswith("mlp.") and k.endswith(".weight"))
+        v1 = t_head["last_layer.weight_v"]
+        v2 = t_head.get("last_layer2.weight_v", v1)
+        head.update(out_dim=v1.shape[0], patch_out_dim=v2.shape[0], bottleneck_dim=v1.shape[1],
+                    hidden_dim=t_head[f"mlp.{linears[0]}.weight"].shape[0], num_layers=len(linears),
+                    shared_head=v2.shape == v1.shape and torch.equal(v1, v2),
+                    norm_last_layer=bool(getattr(args, "norm_last_layer", False)))
+    hparams = OmegaConf.to_container(OmegaConf.merge(dict(encoder=encoder, head=head), overrides))
+    log.info("iBOT from %s: encoder %s, head %s", path, hparams["encoder"], hparams["head"])
+    model = iBOT(**hparams)
+    state = {}
+    for name, backbone in (("teacher", t_backbone), ("student", s_backbone)):
+        state.update({f"{name}.{k}": v for k, v in _ibot_backbone(backbone).items()})
+    if t_head:
+        for name, part in (("teacher_head", t_head), ("student_head", s_head)):
+            state.update({f"{name}.{k}": v for k, v in _ibot_head(part).items()})
+            if hparams["head"]["shared_head"]:  # one module under two names: both names in the state dict
+                for _, new in _IBOT_HEAD_RENAMES[:2]:
+                    state.setdefault(f"{name}.{new.replace('last_layer', 'last_layer2', 1)}", state[f"{name}.{new}"])
+    else:
+        warnings.warn(f"{path} holds a backbone only: the projection heads are freshly initialised and the "
+                      "centres are zero, so the iBOT loss is meaningless until they are trained", stacklevel=3)
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith(("teacher_head.", "student_head."))})
+    loss_state = ckpt.get("ibot_loss", {}) if full else {}
+    if "center" in loss_state:
+        state["center"], state["center_patch"] = loss_state["center"], loss_state["center2"]
+    else:
+        state["center"], state["center_patch"] = model.center, model.center_patch
+    return _load_strict(model, state, _ibot_official_part, path, _IBOT_HINT)

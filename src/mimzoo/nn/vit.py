@@ -10,6 +10,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from .pos_embed import sincos_pos_embed_2d
@@ -114,9 +115,16 @@ class MaskTokenViT(ViTEncoder):
         if mask is not None:
             b, h, w, d = x.shape
             x = torch.where(mask.view(b, h, w, 1), self.mask_token.to(x.dtype).view(1, 1, 1, d), x)
-        x = self._pos_embed(x)
-        x = self.blocks(self.norm_pre(x))
+        x = self.blocks(self.norm_pre(self._pos_embed(x)))
         return self.norm(x)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``[CLS]`` + patches, plus positions resized bicubically to this crop's grid without
+        antialiasing, as DINO/iBOT's ``interpolate_pos_encoding`` (timm antialiases when shrinking)."""
+        b, h, w, d = x.shape
+        pos = resample_abs_pos_embed(self.pos_embed, (h, w), self.grid, num_prefix_tokens=1, antialias=False)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1) + pos
+        return self.pos_drop(x)
 
 
 def _init_trunc_normal(m: nn.Module):

@@ -4,5 +4,6 @@ from .base import MIMMethod, MIMOutput
 from .dvae import DVAE
 from .mae import MAE
 from .beit import BEiT
+from .convmae import ConvMAE
 
-__all__ = ["BEiT", "DVAE", "MAE", "MIMMethod", "MIMOutput"]
+__all__ = ["BEiT", "ConvMAE", "DVAE", "MAE", "MIMMethod", "MIMOutput"]

@@ -3,5 +3,6 @@
 from .pos_embed import sincos_pos_embed_2d
 from .vit import ViTEncoder, patchify, unpatchify
 from .decoder import MAEDecoder
+from .convvit import ConvMAEEncoder, ConvViT
 
-__all__ = ["MAEDecoder", "ViTEncoder", "patchify", "sincos_pos_embed_2d", "unpatchify"]
+__all__ = ["ConvMAEEncoder", "ConvViT", "MAEDecoder", "ViTEncoder", "patchify", "sincos_pos_embed_2d", "unpatchify"]

@@ -32,7 +32,9 @@ class ConvMAE(MAE):
         norm_pix_loss: bool = True,
     ):
         MIMMethod.__init__(self, mask=mask, optim=optim)  # MAE's own __init__ would build a ViT
-        self.save_hyperparameters()
+        # explicit: Lightning finds the arguments by itself only in an __init__ that calls super()
+        self.save_hyperparameters(dict(encoder=encoder, decoder=decoder, mask=mask, optim=optim,
+                                       norm_pix_loss=norm_pix_loss))
         self.encoder = ConvMAEEncoder(**encoder)
         self.patch_size = self.encoder.stride
         self.decoder = MAEDecoder(self.encoder.embed_dim, self.encoder.grid, self.patch_size,

@@ -279,6 +279,31 @@ def test_finetune_from_pretrained_runs_a_step_with_layer_decay():
     opt.step()
 
 
+def test_finetune_model_has_the_official_convvit_names():
+    """ConvMAE's fine-tuning ConvViT (``models_convvit.py``, global pool) = the pre-training encoder's names
+    minus the fusion convs and the final norm, plus ``fc_norm`` and ``head``."""
+    official = {k for k in official_state_dict() if not k.startswith(("decoder_", "mask_token", "stage", "norm."))}
+    model = timm.create_model("convmae_convvit", img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32],
+                              depth=[1, 2, 2], num_heads=2, mlp_ratio=[2, 2, 4], num_classes=10)
+    assert set(model.state_dict()) == official | {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    assert model(images()).shape == (4, 10)
+
+
+@pytest.mark.parametrize("size, stride, grid", [("test", 4, 8), ("cifar", 4, 8), ("small", 16, 14), ("base", 16, 14),
+                                                ("large", 16, 14)])
+def test_size_configs_compose(size, stride, grid):
+    from hydra import compose, initialize_config_dir
+
+    from mimzoo.train import CONFIG_DIR
+
+    image = 32 if stride == 4 else 224
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["model=convmae", f"model/convmae_encoder={size}", f"data.image_size={image}"])
+    enc = cfg.model.encoder
+    assert enc.img_size == image and enc.patch_size[0] * enc.patch_size[1] * enc.patch_size[2] == stride
+    assert image // stride == grid and enc.embed_dim[2] % enc.num_heads == 0
+
+
 # --- end to end through the Hydra entry points ---------------------------------------------------
 def test_train_then_knn_eval_on_cifar10_mini(tmp_path):
     run = tmp_path / "run"

@@ -214,8 +214,9 @@ class ConvMAEEncoder(ConvViT):
 
     def __init__(self, img_size: int = 224, patch_size=(4, 2, 2), embed_dim=(256, 384, 768), depth=(2, 2, 11),
                  num_heads: int = 12, mlp_ratio=(4.0, 4.0, 4.0), in_chans: int = 3, drop_path_rate: float = 0.0):
-        patch_size, embed_dim, depth, mlp_ratio = (list(map(t, _triple(v))) for t, v in (
-            (int, patch_size), (int, embed_dim), (int, depth), (float, mlp_ratio)))
+        # plain lists: the kwargs go into checkpoints' hyper-parameters and mimzoo-export's JSON
+        patch_size, embed_dim, depth = ([int(v) for v in _triple(x)] for x in (patch_size, embed_dim, depth))
+        mlp_ratio = [float(v) for v in _triple(mlp_ratio)]
         self.timm_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                 num_heads=num_heads, mlp_ratio=mlp_ratio, in_chans=in_chans)
         super().__init__(**self.timm_kwargs, num_classes=0, global_pool="norm_avg", drop_path_rate=drop_path_rate)

@@ -108,6 +108,24 @@ def test_without_masked_convolution_masked_pixels_leak():
         assert (a[name] - b[name]).abs().max() > 1e-3, name
 
 
+def test_loss_falls_on_a_fixed_batch_and_every_stage_gets_gradients():
+    model, x, mask = tiny().train(), images(), fixed_mask()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = model(x, mask).loss
+        opt.zero_grad()
+        loss.backward()
+        if first is None:
+            first = loss.item()
+            for name in ("patch_embed1.proj", "blocks1.0.attn", "blocks2.0.attn", "stage1_output_decode",
+                         "stage2_output_decode", "blocks3.1.attn.qkv"):
+                assert model.encoder.get_submodule(name).weight.grad.abs().sum() > 0, name
+            assert model.encoder.pos_embed.grad is None  # fixed sin-cos positions
+        opt.step()
+    assert loss.item() < 0.7 * first
+
+
 # --- visible-only stage 3 and cost ---------------------------------------------------------------
 @pytest.mark.parametrize("ratio", [0.75, 0.5])
 def test_only_visible_tokens_enter_stage3(ratio):

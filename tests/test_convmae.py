@@ -322,6 +322,19 @@ def test_size_configs_compose(size, stride, grid):
     assert image // stride == grid and enc.embed_dim[2] % enc.num_heads == 0
 
 
+def test_convmae_cifar_preset_composes_and_builds():
+    from hydra import compose, initialize_config_dir
+
+    from mimzoo.train import CONFIG_DIR, build_model
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=convmae_cifar"])
+    assert cfg.mask.name == "multiscale" and cfg.mask.base.name == "random" and cfg.mask.ratio == 0.75
+    model = build_model(cfg)
+    assert isinstance(model, ConvMAE) and model.grid_size == (8, 8) and model.patch_size == 4
+    assert model.decoder.embed.out_features == 256 and len(model.decoder.blocks) == 4
+
+
 # --- end to end through the Hydra entry points ---------------------------------------------------
 def test_train_then_knn_eval_on_cifar10_mini(tmp_path):
     run = tmp_path / "run"

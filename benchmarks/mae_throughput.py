@@ -1,4 +1,5 @@
-"""MAE pre-training throughput (img/s) and peak memory: encoder on the visible 25% vs on all tokens.
+"""MAE and ConvMAE pre-training throughput (img/s) and peak memory: encoder (ConvMAE: its stage 3) on the
+visible 25% vs on all tokens.
 
 ``make bench`` runs every case in its own process (so peak RSS is that case's own) on the CPU, and
 on the GPU too when one is present. One step = forward, backward and an AdamW update.
@@ -18,20 +19,23 @@ import time
 
 import torch
 
-from mimzoo.methods import MAE
+from mimzoo.methods import MAE, ConvMAE
 
-CASES = {  # name: (encoder, decoder, image size, batch on CPU, batch on GPU)
-    "vit_tiny_32": (dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
+CASES = {  # name: (method, encoder, decoder, image size, batch on CPU, batch on GPU)
+    "vit_tiny_32": (MAE, dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
                     dict(dim=256, depth=4, num_heads=8), 32, 128, 1024),
-    "vit_small_224": (dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_small_224": (MAE, dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
                       dict(dim=512, depth=8, num_heads=16), 224, 8, 256),
+    # ConvMAE-CIFAR (conf/model/convmae_encoder/cifar.yaml) with experiment=convmae_cifar's decoder
+    "convmae_cifar_32": (ConvMAE, dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[64, 128, 256], depth=[2, 2, 8],
+                                       num_heads=4), dict(dim=256, depth=4, num_heads=8), 32, 128, 1024),
 }
 
 
 MODES = ("masked", "all_tokens", "encoder_masked", "encoder_all_tokens")
 
 
-def step_fn(model: MAE, mode: str):
+def step_fn(model: MAE, mode: str):  # ConvMAE too: same encode/encoder.forward_masked/decoder/loss API
     """``masked``: MAE proper; ``all_tokens``: the same loss, but the encoder runs on every token;
     ``encoder_*``: the encoder alone (forward + backward of its output), to isolate token dropping."""
     if mode == "masked":
@@ -53,10 +57,10 @@ def step_fn(model: MAE, mode: str):
 
 
 def run_case(case: str, mode: str, device: str, steps: int, warmup: int) -> dict:
-    enc, dec, size, cpu_batch, gpu_batch = CASES[case]
+    method, enc, dec, size, cpu_batch, gpu_batch = CASES[case]
     batch = gpu_batch if device == "cuda" else cpu_batch
     torch.manual_seed(0)
-    model = MAE(encoder=enc, decoder=dec).to(device).train()
+    model = method(encoder=enc, decoder=dec).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x = torch.randn(batch, 3, size, size, device=device)
     loss_fn = step_fn(model, mode)

@@ -204,6 +204,19 @@ def _num_blocks(sd: dict, prefix: str) -> int:
     return 1 + max((int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)), default=-1)
 
 
+def _mae_decoder_sizes(sd: dict) -> tuple[bool, dict]:
+    """Whether an official MAE-style file has decoder weights, and the decoder sizes they fix
+    (MAE's 512 x 8, 16 heads where absent; heads are not in the weights)."""
+    has_decoder = any(k.startswith("decoder_") or k == "mask_token" for k in sd)
+    decoder = dict(dim=512, depth=8, num_heads=16, mlp_ratio=4.0)
+    if "decoder_embed.weight" in sd:
+        d_dim = sd["decoder_embed.weight"].shape[0]
+        decoder.update(dim=d_dim, depth=_num_blocks(sd, "decoder_blocks."))
+        if "decoder_blocks.0.mlp.fc1.weight" in sd:
+            decoder["mlp_ratio"] = sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / d_dim
+    return has_decoder, decoder
+
+
 @register_importer("mae")
 def _import_mae(ckpt, path: str, overrides: dict):
     """facebookresearch/mae ``MaskedAutoencoderViT`` weights -> :class:`mimzoo.methods.MAE`."""
@@ -224,13 +237,7 @@ def _import_mae(ckpt, path: str, overrides: dict):
     encoder = dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=_num_blocks(sd, "blocks."),
                    num_heads=_STANDARD_HEADS.get(dim, max(1, dim // 64)),
                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, in_chans=in_chans)
-    has_decoder = any(k.startswith("decoder_") or k == "mask_token" for k in sd)
-    decoder = dict(dim=512, depth=8, num_heads=16, mlp_ratio=4.0)
-    if "decoder_embed.weight" in sd:
-        d_dim = sd["decoder_embed.weight"].shape[0]
-        decoder.update(dim=d_dim, depth=_num_blocks(sd, "decoder_blocks."))
-        if "decoder_blocks.0.mlp.fc1.weight" in sd:
-            decoder["mlp_ratio"] = sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / d_dim
+    has_decoder, decoder = _mae_decoder_sizes(sd)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
     npl_from = "override" if "norm_pix_loss" in overrides else "args" if hasattr(args, "norm_pix_loss") else None
     hparams = dict(encoder=encoder, decoder=decoder, norm_pix_loss=getattr(args, "norm_pix_loss", True))
@@ -351,3 +358,59 @@ def _import_ibot(ckpt, path: str, overrides: dict):
     else:
         state["center"], state["center_patch"] = model.center, model.center_patch
     return _load_strict(model, state, _ibot_official_part, path, _IBOT_HINT)
+
+# ConvMAE: decoder entries (official prefix -> ours); every other official key is ``encoder.<key>``.
+_CONVMAE_DECODER = _MAE_RENAMES[:6]  # MAE's decoder names
+_CONVMAE_HINT = (
+    "mimzoo-import convmae expects an Alpha-VL/ConvMAE pre-training checkpoint (MaskedAutoencoderConvViT: "
+    "patch_embed1..4, blocks1..3, stage1_output_decode, stage2_output_decode, decoder_*). Fine-tuned ConvViT "
+    "classifiers (head.*, fc_norm.*) lack the fusion convs and are not pre-training checkpoints."
+)
+
+
+def _convmae_ours(key: str) -> str:
+    new = _rename(key, _CONVMAE_DECODER)
+    return new if new != key else f"encoder.{key}"
+
+
+def _convmae_official_name(key: str) -> str:
+    old = _rename(key, [(new, old) for old, new in _CONVMAE_DECODER])
+    return old[len("encoder."):] if old.startswith("encoder.") else old
+
+
+@register_importer("convmae")
+def _import_convmae(ckpt, path: str, overrides: dict):
+    """Alpha-VL/ConvMAE ``MaskedAutoencoderConvViT`` weights -> :class:`mimzoo.methods.ConvMAE`."""
+    from mimzoo.methods.convmae import ConvMAE
+
+    sd = _model_state(ckpt, path)
+    required = [f"patch_embed{i}.proj.weight" for i in (1, 2, 3)] + ["patch_embed4.weight", "pos_embed",
+                                                                     "blocks3.0.mlp.fc1.weight"]
+    if any(k not in sd for k in required):
+        raise ValueError(f"{path} is not a ConvMAE checkpoint: missing {[k for k in required if k not in sd]}"
+                         f"\n{_CONVMAE_HINT}")
+    convs = [sd[f"patch_embed{i}.proj.weight"] for i in (1, 2, 3)]
+    dims = [int(w.shape[0]) for w in convs]
+    patches = [int(w.shape[-1]) for w in convs]
+    num_patches = sd["pos_embed"].shape[1]
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches or any(w.shape[-1] != w.shape[-2] for w in convs):
+        raise ValueError(f"{path}: only square patches on a square grid are supported ({num_patches} positions)")
+    depth = [_num_blocks(sd, f"blocks{i}.") for i in (1, 2, 3)]
+    encoder = dict(img_size=grid * patches[0] * patches[1] * patches[2], patch_size=patches, embed_dim=dims,
+                   depth=depth, num_heads=_STANDARD_HEADS.get(dims[2], max(1, dims[2] // 64)),
+                   mlp_ratio=[sd[f"blocks{i + 1}.0.mlp.fc1.weight"].shape[0] / dims[i] if depth[i] else 4.0
+                              for i in range(3)], in_chans=int(convs[0].shape[1]))
+    has_decoder, decoder = _mae_decoder_sizes(sd)
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    hparams = dict(encoder=encoder, decoder=decoder, norm_pix_loss=getattr(args, "norm_pix_loss", True))
+    hparams = OmegaConf.to_container(OmegaConf.merge(hparams, overrides))
+    log.info("ConvMAE from %s: encoder %s, decoder %s, norm_pix_loss=%s", path, hparams["encoder"],
+             hparams["decoder"], hparams["norm_pix_loss"])
+    model = ConvMAE(**hparams)
+    state = {_convmae_ours(k): v for k, v in sd.items()}
+    if not has_decoder:
+        warnings.warn(f"{path} has no decoder weights; the decoder {hparams['decoder']} is freshly initialised, "
+                      "so reconstructions and the loss are meaningless until it is trained", stacklevel=3)
+        state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
+    return _load_strict(model, state, _convmae_official_name, path, _CONVMAE_HINT)

@@ -4,7 +4,8 @@ from .base import MIMMethod, MIMOutput
 from .dvae import DVAE
 from .mae import MAE
 from .beit import BEiT
+from .convmae import ConvMAE
 from .ibot import iBOT
 from .teacher_student import TeacherStudentMethod
 
-__all__ = ["BEiT", "DVAE", "MAE", "MIMMethod", "MIMOutput", "TeacherStudentMethod", "iBOT"]
+__all__ = ["BEiT", "ConvMAE", "DVAE", "MAE", "MIMMethod", "MIMOutput", "TeacherStudentMethod", "iBOT"]

@@ -13,7 +13,10 @@ from .vit import init_linear_and_norm
 
 
 class MAEDecoder(nn.Module):
-    """``Linear(D -> Dd)``, mask tokens, fixed sin-cos positions, timm blocks, ``Linear(Dd -> p*p*C)``."""
+    """``Linear(D -> Dd)``, mask tokens, fixed sin-cos positions, timm blocks, ``Linear(Dd -> p*p*C)``.
+
+    ``cls_token=False`` is for encoders without ``[CLS]`` (ConvMAE): no leading slot in the latent or
+    the position table."""
 
     def __init__(
         self,
@@ -25,14 +28,16 @@ class MAEDecoder(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         in_chans: int = 3,
+        cls_token: bool = True,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"decoder dim {dim} is not divisible by decoder num_heads {num_heads}")
+        self.cls_token = cls_token
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_parameter(
-            "pos_embed", nn.Parameter(sincos_pos_embed_2d(dim, grid_size, cls_token=True), requires_grad=False)
+            "pos_embed", nn.Parameter(sincos_pos_embed_2d(dim, grid_size, cls_token=cls_token), requires_grad=False)
         )
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.Sequential(
@@ -44,12 +49,14 @@ class MAEDecoder(nn.Module):
         self.apply(init_linear_and_norm)
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """``latent [B, 1+K, D]`` (CLS first, visible tokens in ``ids_keep`` order) -> ``[B, L, p*p*C]``."""
+        """``latent [B, 1+K, D]`` (CLS first, visible tokens in ``ids_keep`` order; ``[B, K, D]`` without
+        ``cls_token``) -> ``[B, L, p*p*C]``."""
         x = self.embed(latent)
         b, num_patches = ids_restore.shape
-        masks = self.mask_token.expand(b, num_patches + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], masks], dim=1)
+        c = int(self.cls_token)
+        masks = self.mask_token.expand(b, num_patches + c - x.shape[1], -1)
+        patches = torch.cat([x[:, c:], masks], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        x = torch.cat([x[:, :c], patches], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
-        return self.pred(x)[:, 1:]
+        return self.pred(x)[:, c:]

@@ -1,0 +1,53 @@
+"""ConvMAE's multi-scale mask: one mask on the coarsest (stage-3) grid, repeated onto finer grids.
+
+Drawing once and upsampling keeps every finer-stage cell inside one stage-3 patch fully masked or
+fully visible, which is what keeps masked pixels out of the encoder (algorithms.md §5.2, §9.8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import build, register_mask
+
+
+def upsample_mask(mask: torch.Tensor, grid_size: tuple[int, int], scale: int) -> torch.Tensor:
+    """``[B, h*w]`` -> ``[B, (s*h)*(s*w)]``: each patch becomes an ``s x s`` block, both row-major
+    (fine cell ``(r, c)`` takes coarse patch ``(r // s, c // s)``)."""
+    b, (h, w) = mask.shape[0], grid_size
+    if mask.shape[1] != h * w:
+        raise ValueError(f"mask has {mask.shape[1]} patches, grid {h}x{w} has {h * w}")
+    return mask.view(b, h, 1, w, 1).expand(b, h, scale, w, scale).reshape(b, h * scale * w * scale)
+
+
+def mask_pyramid(mask: torch.Tensor, grid_size: tuple[int, int], scales) -> list[torch.Tensor]:
+    """The mask upsampled by each of ``scales``, as ``[B, s*h, s*w]`` maps (True = masked)."""
+    h, w = grid_size
+    return [upsample_mask(mask, grid_size, s).view(mask.shape[0], s * h, s * w) for s in scales]
+
+
+@register_mask("multiscale")
+class MultiScaleMask:
+    """Wraps any ``base`` strategy (``{"name": "random"}`` by default) and draws at the grid it is given,
+    the stage-3 grid; ConvMAE upsamples the result per stage with :func:`upsample_mask`.
+
+    ``ratio`` is the masked fraction of stage-3 patches, hence of every finer stage too (upsampling
+    preserves it); it is passed on to the base strategy (whose own ``ratio``, if any, must agree).
+    """
+
+    def __init__(self, base: dict | str | None = None, ratio: float | None = None):
+        base = dict(base or {"name": "random"}) if not isinstance(base, str) else {"name": base}
+        if base.get("name") == "multiscale":
+            raise ValueError("multiscale cannot wrap itself; give a base strategy such as {name: random}")
+        if ratio is not None:
+            if base.get("ratio") not in (None, ratio):
+                raise ValueError(f"mask.ratio={ratio} contradicts mask.base.ratio={base['ratio']}; set one of them")
+            base["ratio"] = ratio
+        self.base = build(base.pop("name"), **base)
+        self.ratio = self.base.ratio
+
+    def __call__(self, batch_size: int, grid_size: tuple[int, int], generator: torch.Generator | None = None):
+        return self.base(batch_size, grid_size, generator=generator)
+
+    def __repr__(self):
+        return f"MultiScaleMask(base={self.base!r})"

@@ -4,5 +4,6 @@ from .base import MIMMethod, MIMOutput
 from .dvae import DVAE
 from .mae import MAE
 from .beit import BEiT
+from .sgmae import SGMAE
 
-__all__ = ["BEiT", "DVAE", "MAE", "MIMMethod", "MIMOutput"]
+__all__ = ["BEiT", "DVAE", "MAE", "MIMMethod", "MIMOutput", "SGMAE"]

@@ -345,3 +345,18 @@ def test_end_to_end_switch_pictures_resume_and_eval(tmp_path):
         f"hydra.run.dir={out}")
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"] == "knn" and 0.0 <= results["top1"] <= 1.0
+
+
+@pytest.mark.parametrize("preset,key", [("sgmae_cifar", None), ("sgmae_hint", "model.informed.hint_ratio"),
+                                        ("sgmae_start_epoch", "model.start_epoch"),
+                                        ("sgmae_emb_layer", "model.informed.emb_layer"), ("sgmae_mask_ratio", "mask.ratio")])
+def test_presets_compose_into_an_sgmae(preset, key):
+    from hydra import compose, initialize_config_dir
+
+    from mimzoo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    assert cfg.model._target_ == "mimzoo.methods.SGMAE" and cfg.model.decoder.dim == 256 and cfg.data.patch_size == 4
+    assert cfg.trainer.max_epochs == 200 and cfg.objective == "probe/knn_top1"
+    assert (key in cfg.hydra.sweeper.params) if key else not cfg.hydra.sweeper.params

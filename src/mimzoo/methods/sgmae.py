@@ -155,6 +155,7 @@ class SGMAE(MAE):
         self.register_buffer("sg_informed", torch.tensor(False))
         self.register_buffer("sg_switch_epoch", torch.tensor(-1))
         self.register_buffer("sg_streak", torch.tensor(0))
+        self.register_buffer("sg_probe_epoch", torch.tensor(-1))
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -218,8 +219,11 @@ class SGMAE(MAE):
         return exploit_condition(maps, mask, **self.exploit)
 
     def update_switch(self, epoch: int, holds: bool, max_epochs: int | None = None) -> bool:
-        """Advance the switch state by one probe at the start of ``epoch``; True once informed."""
-        self.sg_streak.fill_(int(self.sg_streak) + 1 if holds else 0)
+        """Advance the switch state by one probe at the start of ``epoch``; True once informed. A probe of an
+        epoch already counted (a resume from a mid-epoch checkpoint) does not count twice."""
+        if epoch > int(self.sg_probe_epoch):
+            self.sg_streak.fill_(int(self.sg_streak) + 1 if holds else 0)
+            self.sg_probe_epoch.fill_(epoch)
         if self.informed:
             return True
         if self.start_epoch is not None:

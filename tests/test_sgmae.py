@@ -169,8 +169,11 @@ def test_registry_call_convention_and_clear_errors():
     e = F.normalize(features, dim=-1)
     assert torch.equal(strategy(2, GRID, torch.Generator().manual_seed(0), similarity=e @ e.mT),
                        strategy(2, GRID, torch.Generator().manual_seed(0), features=features))
-    with pytest.raises(ValueError, match="needs patch features"):
-        strategy(2, GRID)
+    plain = strategy.build(GRID, torch.Generator().manual_seed(0), batch_size=3)  # the registry's plain call:
+    assert plain.fallback.all() and (plain.mask.sum(1) == 48).all()  # nothing to inform it, random and counted
+    assert torch.equal(strategy(3, GRID, torch.Generator().manual_seed(0)), plain.mask)
+    with pytest.raises(ValueError, match="not both"):
+        strategy(2, GRID, features=features, similarity=e @ e.mT)
     with pytest.raises(ValueError, match="unknown fill"):
         masking.build("self_guided", fill="object+everything")
 

@@ -8,7 +8,9 @@ patch features ``[B, N, D]`` (or a cosine-similarity matrix ``[B, N, N]``):
     strategy(batch_size, grid_size, generator=None, features=f)  ->  bool [B, N], True = masked
     strategy.build(grid_size, generator, features=f)             ->  InformedMask (mask + diagnostics)
 
-Every row has exactly ``round(ratio * N)`` masked patches, so the MAE path is unchanged.
+Every row has exactly ``round(ratio * N)`` masked patches, so the MAE path is unchanged. Called
+without features (the registry's plain call), there is nothing to inform the mask: every row is a
+random mask, counted as a fallback, so the strategy honours the contract every strategy does.
 """
 
 from __future__ import annotations
@@ -154,15 +156,17 @@ class SelfGuidedMask(MaskStrategy):
 
     def __call__(self, batch_size, grid_size, generator=None, features=None, similarity=None):
         """The registry's call with the features (or similarities) as a keyword: returns the bool mask."""
-        mask = self.build(grid_size, generator, features=features, similarity=similarity).mask
+        mask = self.build(grid_size, generator, features=features, similarity=similarity, batch_size=batch_size).mask
         if mask.shape[0] != batch_size:
             raise ValueError(f"self_guided mask: batch_size {batch_size} but features for {mask.shape[0]} images")
         return mask
 
-    def build(self, grid_size, generator=None, features=None, similarity=None) -> InformedMask:
-        if (features is None) == (similarity is None):
-            raise ValueError("the self_guided mask needs patch features=[B, N, D] or similarity=[B, N, N] "
-                             "(exactly one); it is drawn by model=sgmae, not by the plain MAE path")
+    def build(self, grid_size, generator=None, features=None, similarity=None, batch_size: int | None = None
+              ) -> InformedMask:
+        if features is not None and similarity is not None:
+            raise ValueError("the self_guided mask takes patch features=[B, N, D] or similarity=[B, N, N], not both")
+        if features is None and similarity is None:
+            return self._uninformed(batch_size, grid_size, generator)
         if similarity is None:
             e = F.normalize(features.detach().float(), dim=-1)
             similarity = e @ e.mT
@@ -170,9 +174,7 @@ class SelfGuidedMask(MaskStrategy):
         b, n = similarity.shape[:2]
         if n != grid_size[0] * grid_size[1]:
             raise ValueError(f"self_guided mask: {n} patch features for a {grid_size} grid")
-        k = num_masked(self.ratio, n)
-        if k == 0 or k == n:
-            raise ValueError(f"mask ratio {self.ratio} masks {k} of {n} patches; leave one visible and one masked")
+        k = self._count(n)
         device = similarity.device
         rand = lambda: torch.rand(b, n, generator=generator).to(device)  # noqa: E731  (CPU generator: seeds reproduce)
         bip = ncut_bipartition(similarity, self.graph, self.tau, self.eps)
@@ -194,8 +196,24 @@ class SelfGuidedMask(MaskStrategy):
             remask = _top(remask_score, ~mask, n_hint)
             mask = (mask & ~hints) | remask
         fallback = ~bip.valid
-        random = _top(rand(), everything, k)
+        random = self._uninformed(b, grid_size, generator).mask.to(device)
         mask = torch.where(fallback.unsqueeze(-1), random, mask)
         hints &= ~fallback.unsqueeze(-1)
         assert bool((mask.sum(-1) == k).all()), "self_guided mask lost the exact masked count"
         return InformedMask(mask, obj, score, hints, fallback)
+
+    def _uninformed(self, batch_size: int | None, grid_size, generator) -> InformedMask:
+        """Random masks with the exact count, every row a fallback (no features, or a degenerate graph)."""
+        if batch_size is None:
+            raise ValueError("the self_guided mask needs features=, similarity= or a batch_size")
+        n = grid_size[0] * grid_size[1]
+        mask = _top(torch.rand(batch_size, n, generator=generator), torch.ones(batch_size, n, dtype=torch.bool),
+                    self._count(n))
+        none = torch.zeros_like(mask)
+        return InformedMask(mask, none, torch.zeros(batch_size, n), none, torch.ones(batch_size, dtype=torch.bool))
+
+    def _count(self, n: int) -> int:
+        k = num_masked(self.ratio, n)
+        if k == 0 or k == n:
+            raise ValueError(f"mask ratio {self.ratio} masks {k} of {n} patches; leave one visible and one masked")
+        return k

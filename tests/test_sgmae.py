@@ -291,6 +291,10 @@ def test_switch_rule_fires_after_k_consecutive_probes():
     conditions = [False, True, False, True, True, True, False]
     assert switch_epoch(conditions, k=2) == 4 and switch_epoch(conditions, k=1) == 1
     assert switch_epoch(conditions, k=3) == 5 and switch_epoch(conditions, k=4) is None
+    starts_above = [True, True, False, True, True]
+    assert switch_epoch(starts_above, k=2) == 1 and switch_epoch(starts_above, k=2, cross=True) == 4
+    crossing = tiny_sgmae(exploit_k=2, exploit_cross=True, fallback_fraction=None)
+    assert [crossing.update_switch(e, h) for e, h in enumerate(starts_above)] == [False] * 4 + [True]
     model = tiny_sgmae(exploit_k=2, fallback_fraction=None)
     states = [model.update_switch(epoch, holds, max_epochs=100) for epoch, holds in enumerate(conditions)]
     assert states == [False] * 4 + [True] * 3 and int(model.sg_switch_epoch) == 4  # and stays switched

@@ -7,7 +7,8 @@ reconstructions (/work/shared/sgmae.md §2), each a constructor argument (config
 * phase A (epoch < T): plain MAE; once per epoch a fixed probe batch measures, per decoder layer, how
   much attention the masked-position outputs draw from visible tokens versus mask tokens;
 * T: ``start_epoch`` when given, else the first epoch at which ``R_M >= R_V`` held for ``exploit_k``
-  consecutive probes (latest at ``fallback_fraction * max_epochs``); kept in buffers, so it survives
+  consecutive probes (with ``exploit_cross``, after a probe below; latest at ``fallback_fraction *
+  max_epochs``); kept in buffers, so it survives
   resume, and broadcast from rank 0, so every DDP rank switches together;
 * phase B: per step, an unmasked no-grad eval-mode encoder pass gives the features the registry's
   ``self_guided`` strategy turns into a mask with the exact MAE count; forward and loss are MAE's.
@@ -102,11 +103,13 @@ def exploit_condition(maps: list[torch.Tensor], mask: torch.Tensor, norm: str = 
     return dict(visible=r_v, mask=r_m, agg_visible=agg_v, agg_mask=agg_m, holds=holds)
 
 
-def switch_epoch(conditions: list[bool], k: int = 2) -> int | None:
-    """The epoch at which ``R_M >= R_V`` has held for ``k`` consecutive probes (None if never)."""
-    streak = 0
+def switch_epoch(conditions: list[bool], k: int = 2, cross: bool = False) -> int | None:
+    """The epoch at which ``R_M >= R_V`` has held for ``k`` consecutive probes (None if never); with
+    ``cross``, only probes after one where it did not hold count (an overtaking, not a start above)."""
+    streak, below = 0, False
     for epoch, holds in enumerate(conditions):
-        streak = streak + 1 if holds else 0
+        below |= not holds
+        streak = streak + 1 if holds and (below or not cross) else 0
         if streak >= k:
             return epoch
     return None
@@ -133,6 +136,7 @@ class SGMAE(MAE):
         exploit_agg: str = "per_layer",
         exploit_layer: int = -1,
         exploit_k: int = 2,
+        exploit_cross: bool = False,
         exploit_include_cls: bool = True,
         probe_size: int = 256,
         probe_seed: int = 0,
@@ -149,13 +153,14 @@ class SGMAE(MAE):
             raise ValueError(f"exploit_agg must be one of {EXPLOIT_AGGS} and exploit_norm one of {EXPLOIT_NORMS}")
         self.start_epoch, self.fallback_fraction = start_epoch, fallback_fraction
         self.exploit = dict(norm=exploit_norm, agg=exploit_agg, layer=exploit_layer, include_cls=exploit_include_cls)
-        self.exploit_k, self.probe_size, self.probe_seed = int(exploit_k), int(probe_size), int(probe_seed)
+        self.exploit_k, self.exploit_cross, self.probe_size, self.probe_seed = int(exploit_k), bool(exploit_cross), int(probe_size), int(probe_seed)
         self.panels = {"enabled": True, "num_images": 8, "every_n_epochs": 1, **(panels or {})}
         # The switch state lives in buffers: saved in every checkpoint, restored on resume.
         self.register_buffer("sg_informed", torch.tensor(False))
         self.register_buffer("sg_switch_epoch", torch.tensor(-1))
         self.register_buffer("sg_streak", torch.tensor(0))
         self.register_buffer("sg_probe_epoch", torch.tensor(-1))
+        self.register_buffer("sg_seen_below", torch.tensor(False))  # a probe with R_M < R_V happened
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -222,7 +227,9 @@ class SGMAE(MAE):
         """Advance the switch state by one probe at the start of ``epoch``; True once informed. A probe of an
         epoch already counted (a resume from a mid-epoch checkpoint) does not count twice."""
         if epoch > int(self.sg_probe_epoch):
-            self.sg_streak.fill_(int(self.sg_streak) + 1 if holds else 0)
+            self.sg_seen_below.fill_(bool(self.sg_seen_below) or not holds)
+            counts = holds and (bool(self.sg_seen_below) or not self.exploit_cross)
+            self.sg_streak.fill_(int(self.sg_streak) + 1 if counts else 0)
             self.sg_probe_epoch.fill_(epoch)
         if self.informed:
             return True

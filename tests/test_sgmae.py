@@ -355,6 +355,12 @@ def test_end_to_end_switch_pictures_resume_and_eval(tmp_path):
         f"hydra.run.dir={out}")
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"] == "knn" and 0.0 <= results["top1"] <= 1.0
+    import timm
+
+    from mimzoo.checkpoints import export_encoder
+
+    kwargs = export_encoder(run_dir / "checkpoints" / "last.ckpt", tmp_path / "vit.pth")  # an MAE encoder, as for MAE
+    timm.create_model(**kwargs).load_state_dict(torch.load(tmp_path / "vit.pth"), strict=True)
 
 
 @pytest.mark.parametrize("preset,key", [("sgmae_cifar", None), ("sgmae_hint", "model.informed.hint_ratio"),

@@ -417,3 +417,33 @@ def test_ddp_ranks_switch_together_and_stay_identical(tmp_path):
         assert bool(r["state"]["sg_informed"]) and int(r["state"]["sg_switch_epoch"]) == 0
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     assert not torch.equal(r0["initial"]["encoder.blocks.0.attn.qkv.weight"], r0["state"]["encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_pictures_go_to_the_run_dir_and_to_image_loggers_beside_the_reconstructions(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mimzoo.callbacks import InformedMaskPanels, ReconstructionPanels
+    from mimzoo.data import MIMDataModule
+
+    class ImageLogger(CSVLogger):  # stands in for WandbLogger: anything with log_image gets the pictures
+        images = []
+
+        def log_image(self, key, images, step=None, caption=None):
+            self.images.append((key, images[0].shape, caption))
+
+    model = tiny_sgmae(start_epoch=1, probe_size=16, panels=dict(num_images=4))
+    dm = MIMDataModule(name="fake", image_size=32, batch_size=8, num_workers=0, fake_size=32, num_classes=4)
+    recon = ReconstructionPanels(str(tmp_path / "reconstructions"), num_images=4)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=ImageLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[recon])
+    trainer.fit(model, datamodule=dm)
+    panels = [c for c in trainer.callbacks if isinstance(c, InformedMaskPanels)]
+    assert len(panels) == 1 and recon in trainer.callbacks  # added by configure_callbacks, not in place of recon
+    assert panels[0].last_path == tmp_path / "informed_masks" / "epoch_0001.png" and panels[0].last_path.is_file()
+    keys = [k for k, _, _ in ImageLogger.images]
+    assert keys.count("informed_mask") == 2 and keys.count("reconstruction") == 2
+    shape = next(s for k, s, _ in ImageLogger.images if k == "informed_mask")
+    assert shape == (3, 4 * 33 + 1, 4 * 33 + 1)  # 4 rows (image, object part, mask, reconstruction) of 4 images
+    assert model.informed and int(model.sg_switch_epoch) == 1

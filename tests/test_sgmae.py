@@ -229,6 +229,17 @@ def test_feature_layer_and_training_forward_use_the_informed_mask():
         SGMAE(**TINY_MAE, informed=dict(emb_layer=5))
 
 
+def test_hint_schedule_ramps_over_phase_b():
+    model = tiny_sgmae(informed=dict(hint_ratio=1.0), hint_ratio_end=0.0)
+    assert model.hint_ratio(3, 11) == 1.0  # not switched yet: the configured ratio
+    model.sg_switch_epoch.fill_(1)
+    assert [model.hint_ratio(e, 12) for e in (1, 6, 11)] == pytest.approx([1.0, 0.5, 0.0])  # epochs 1..11
+    features = torch.randn(2, 64, 8)
+    out = model.informed_strategy.build(GRID, features=features, hint_ratio=0.25)
+    assert (out.hints.sum(1) == 12).all()  # round(0.25 * 48) revealed, not the configured 1.0 (capped at 16)
+    assert tiny_sgmae().hint_ratio(5, 10) == 0.1  # no schedule: constant
+
+
 def attention(rows):
     """[1, 5, 5] map over [CLS, p0, p1, p2, p3] from query rows; the mask is p0, p1, p2 (p3 visible)."""
     return torch.tensor(rows, dtype=torch.float32).unsqueeze(0)

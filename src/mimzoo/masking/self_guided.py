@@ -161,8 +161,9 @@ class SelfGuidedMask(MaskStrategy):
             raise ValueError(f"self_guided mask: batch_size {batch_size} but features for {mask.shape[0]} images")
         return mask
 
-    def build(self, grid_size, generator=None, features=None, similarity=None, batch_size: int | None = None
-              ) -> InformedMask:
+    def build(self, grid_size, generator=None, features=None, similarity=None, batch_size: int | None = None,
+              hint_ratio: float | None = None) -> InformedMask:
+        """The masks and their diagnostics; ``hint_ratio`` overrides the configured one (a schedule)."""
         if features is not None and similarity is not None:
             raise ValueError("the self_guided mask takes patch features=[B, N, D] or similarity=[B, N, N], not both")
         if features is None and similarity is None:
@@ -188,7 +189,7 @@ class SelfGuidedMask(MaskStrategy):
             mask = _top(score, obj, k)
             mask |= _top(rand(), ~mask, k - mask.sum(-1))
         hints = torch.zeros_like(mask)
-        n_hint = min(int(round(self.hint_ratio * k)), n - k)
+        n_hint = min(int(round((self.hint_ratio if hint_ratio is None else hint_ratio) * k)), n - k)
         if n_hint:
             pick = {"random": rand(), "low_score": -score, "high_score": score}[self.hint_select]
             hints = _top(pick, mask, n_hint)

@@ -138,6 +138,7 @@ class SGMAE(MAE):
         exploit_k: int = 2,
         exploit_cross: bool = False,
         exploit_include_cls: bool = True,
+        hint_ratio_end: float | None = None,
         probe_size: int = 256,
         probe_seed: int = 0,
         panels: dict | None = None,
@@ -151,7 +152,7 @@ class SGMAE(MAE):
                              f"{depth} blocks (0..{depth - 1}, or -1 for the last)")
         if exploit_agg not in EXPLOIT_AGGS or exploit_norm not in EXPLOIT_NORMS:
             raise ValueError(f"exploit_agg must be one of {EXPLOIT_AGGS} and exploit_norm one of {EXPLOIT_NORMS}")
-        self.start_epoch, self.fallback_fraction = start_epoch, fallback_fraction
+        self.start_epoch, self.fallback_fraction, self.hint_ratio_end = start_epoch, fallback_fraction, hint_ratio_end
         self.exploit = dict(norm=exploit_norm, agg=exploit_agg, layer=exploit_layer, include_cls=exploit_include_cls)
         self.exploit_k, self.exploit_cross, self.probe_size, self.probe_seed = int(exploit_k), bool(exploit_cross), int(probe_size), int(probe_seed)
         self.panels = {"enabled": True, "num_images": 8, "every_n_epochs": 1, **(panels or {})}
@@ -183,8 +184,20 @@ class SGMAE(MAE):
         finally:
             self.encoder.train(was_training)
 
+    def hint_ratio(self, epoch: int, max_epochs: int | None) -> float:
+        """The configured hint ratio, or with ``hint_ratio_end`` a linear ramp to it over phase B."""
+        start = self.informed_strategy.hint_ratio
+        switched = int(self.sg_switch_epoch)
+        if self.hint_ratio_end is None or switched < 0 or not max_epochs:
+            return start
+        progress = min(max((epoch - switched) / max(max_epochs - 1 - switched, 1), 0.0), 1.0)
+        return start + (self.hint_ratio_end - start) * progress
+
     def informed_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> InformedMask:
-        return self.informed_strategy.build(self.grid_size, generator, features=self.patch_features(images))
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        hint = self.hint_ratio(self.current_epoch, max_epochs if max_epochs and max_epochs > 0 else None)
+        return self.informed_strategy.build(self.grid_size, generator, features=self.patch_features(images),
+                                            hint_ratio=hint)
 
     def forward(self, images, mask=None):
         """MAE's forward; in training after the switch, without an explicit mask, the mask is informed."""

@@ -342,7 +342,8 @@ def epoch_metrics(run_dir):
 def test_end_to_end_switch_pictures_resume_and_eval(tmp_path):
     run_dir = tmp_path / "run"
     common = [*TINY, "model=sgmae", "logger=csv", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-              "trainer.log_every_n_steps=1", "model.probe_size=64", "probe.knn.enabled=false", f"hydra.run.dir={run_dir}"]
+              "trainer.log_every_n_steps=1", "model.probe_size=64", "probe.knn.enabled=false",
+              f"hydra.run.dir={run_dir}"]
     run("mimzoo.train", *common, "trainer.max_epochs=2", "model.start_epoch=1")
     metrics = epoch_metrics(run_dir)
     assert metrics[0]["sgmae/informed"] == 0.0 and metrics[1]["sgmae/informed"] == 1.0
@@ -374,9 +375,9 @@ def test_end_to_end_switch_pictures_resume_and_eval(tmp_path):
     timm.create_model(**kwargs).load_state_dict(torch.load(tmp_path / "vit.pth"), strict=True)
 
 
-@pytest.mark.parametrize("preset,key", [("sgmae_cifar", None), ("sgmae_hint", "model.informed.hint_ratio"),
-                                        ("sgmae_start_epoch", "model.start_epoch"),
-                                        ("sgmae_emb_layer", "model.informed.emb_layer"), ("sgmae_mask_ratio", "mask.ratio")])
+@pytest.mark.parametrize("preset,key", [
+    ("sgmae_cifar", None), ("sgmae_hint", "model.informed.hint_ratio"), ("sgmae_start_epoch", "model.start_epoch"),
+    ("sgmae_emb_layer", "model.informed.emb_layer"), ("sgmae_mask_ratio", "mask.ratio")])
 def test_presets_compose_into_an_sgmae(preset, key):
     from hydra import compose, initialize_config_dir
 
@@ -401,9 +402,10 @@ from ddp_worker import DumpRankState
 from mimzoo.train import CONFIG_DIR, build_model
 
 out = Path(sys.argv[1])
-overrides = [*TINY, "model=sgmae", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
-             "trainer.limit_train_batches=2", "trainer.limit_val_batches=0", "data.batch_size=16", "logger=csv",
-             "model.exploit_norm=raw", "model.exploit_k=1", "model.fallback_fraction=null", "model.probe_size=32"]
+overrides = [*TINY, "model=sgmae", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+             "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0",
+             "data.batch_size=16", "logger=csv", "model.exploit_norm=raw", "model.exploit_k=1",
+             "model.fallback_fraction=null", "model.probe_size=32"]
 with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
     cfg = compose(config_name="train", overrides=overrides)
 L.seed_everything(cfg.seed, workers=True)
@@ -427,7 +429,8 @@ def test_ddp_ranks_switch_together_and_stay_identical(tmp_path):
     for r in (r0, r1):
         assert bool(r["state"]["sg_informed"]) and int(r["state"]["sg_switch_epoch"]) == 0
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
-    assert not torch.equal(r0["initial"]["encoder.blocks.0.attn.qkv.weight"], r0["state"]["encoder.blocks.0.attn.qkv.weight"])
+    name = "encoder.blocks.0.attn.qkv.weight"
+    assert not torch.equal(r0["initial"][name], r0["state"][name])  # training moved the weights
 
 
 def test_pictures_go_to_the_run_dir_and_to_image_loggers_beside_the_reconstructions(tmp_path):

@@ -154,7 +154,8 @@ class SGMAE(MAE):
             raise ValueError(f"exploit_agg must be one of {EXPLOIT_AGGS} and exploit_norm one of {EXPLOIT_NORMS}")
         self.start_epoch, self.fallback_fraction, self.hint_ratio_end = start_epoch, fallback_fraction, hint_ratio_end
         self.exploit = dict(norm=exploit_norm, agg=exploit_agg, layer=exploit_layer, include_cls=exploit_include_cls)
-        self.exploit_k, self.exploit_cross, self.probe_size, self.probe_seed = int(exploit_k), bool(exploit_cross), int(probe_size), int(probe_seed)
+        self.exploit_k, self.exploit_cross = int(exploit_k), bool(exploit_cross)
+        self.probe_size, self.probe_seed = int(probe_size), int(probe_seed)
         self.panels = {"enabled": True, "num_images": 8, "every_n_epochs": 1, **(panels or {})}
         # The switch state lives in buffers: saved in every checkpoint, restored on resume.
         self.register_buffer("sg_informed", torch.tensor(False))
@@ -249,7 +250,8 @@ class SGMAE(MAE):
         if self.start_epoch is not None:
             fire = epoch >= self.start_epoch
         else:
-            latest = max(1, round(self.fallback_fraction * max_epochs)) if self.fallback_fraction and max_epochs else None
+            forced = self.fallback_fraction and max_epochs
+            latest = max(1, round(self.fallback_fraction * max_epochs)) if forced else None
             fire = int(self.sg_streak) >= self.exploit_k or (latest is not None and epoch >= latest)
         if self._trainer is not None:
             fire = self.trainer.strategy.broadcast(fire, src=0)  # one decision for every rank

@@ -158,4 +158,12 @@ def test_each_model_brings_its_mask_and_optimiser():
     assert beit.model._target_ == "mimzoo.methods.BEiT" and beit.mask.name == "block" and beit.mask.exact is False
     assert beit.optim.betas == [0.9, 0.999] and beit.trainer.gradient_clip_val == 3.0
     assert chosen.mask == {"name": "random", "ratio": 0.5} and chosen.optim.blr == 1.875e-4
+    models = sorted(p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml"))
+    assert {"mae", "beit", "dvae", "ibot", "convmae", "sgmae"} <= set(models)
+    for name in models:  # every model has its recipe, so model=X alone composes
+        assert Path(CONFIG_DIR, "mask", f"{name}.yaml").exists() and Path(CONFIG_DIR, "optim", f"{name}.yaml").exists()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        assert compose(config_name="train", overrides=["model=convmae"]).mask.name == "multiscale"
+        assert compose(config_name="train", overrides=["model=ibot"]).mask.name == "ibot"
+        assert compose(config_name="train", overrides=["model=sgmae"]).mask.name == "random"
     assert dvae.model._target_ == "mimzoo.methods.DVAE" and dvae.optim.blr == 1.0e-3

@@ -1,5 +1,6 @@
 """Training callbacks shared by every method."""
 
+from .informed_masks import InformedMaskPanels
 from .reconstruction import ReconstructionPanels
 
-__all__ = ["ReconstructionPanels"]
+__all__ = ["InformedMaskPanels", "ReconstructionPanels"]

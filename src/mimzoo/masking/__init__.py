@@ -3,6 +3,8 @@
 from .registry import MaskStrategy, available, build, fill_to_count, mask_to_ids, num_masked, register_mask
 from . import strategies  # noqa: F401  (registers the built-in strategies)
 from .multiscale import mask_pyramid, upsample_mask
+from .self_guided import Bipartition, InformedMask, SelfGuidedMask, choose_object, ncut_bipartition
 
-__all__ = ["MaskStrategy", "available", "build", "fill_to_count", "mask_pyramid", "mask_to_ids", "num_masked",
-           "register_mask", "upsample_mask"]
+__all__ = ["Bipartition", "InformedMask", "MaskStrategy", "SelfGuidedMask", "available", "build", "choose_object",
+           "fill_to_count", "mask_pyramid", "mask_to_ids", "ncut_bipartition", "num_masked", "register_mask",
+           "upsample_mask"]

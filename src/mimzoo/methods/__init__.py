@@ -6,6 +6,7 @@ from .mae import MAE
 from .beit import BEiT
 from .convmae import ConvMAE
 from .ibot import iBOT
+from .sgmae import SGMAE
 from .teacher_student import TeacherStudentMethod
 
-__all__ = ["BEiT", "ConvMAE", "DVAE", "MAE", "MIMMethod", "MIMOutput", "TeacherStudentMethod", "iBOT"]
+__all__ = ["BEiT", "ConvMAE", "DVAE", "MAE", "MIMMethod", "MIMOutput", "SGMAE", "TeacherStudentMethod", "iBOT"]

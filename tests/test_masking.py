@@ -13,12 +13,24 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("name", masking.available())
+EXACT = [name for name in masking.available() if masking.build(name, ratio=0.5).exact_count]
+
+
+@pytest.mark.parametrize("name", EXACT)
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
 def test_exact_count_dtype_shape(name, ratio):
     mask = masking.build(name, ratio=ratio)(16, GRID, generator=gen())
     assert mask.dtype == torch.bool and mask.shape == (16, 64)
     assert (mask.sum(1) == num_masked(ratio, 64)).all()
+
+
+def test_variable_count_strategies_say_so_and_token_dropping_methods_refuse_them(tiny_mae):
+    assert set(masking.available()) - set(EXACT) == {"ibot"}
+    assert not masking.build("block", ratio=0.4, exact=False).exact_count
+    mask = masking.build("ibot", ratio=0.3)(16, GRID, generator=gen())
+    assert mask.dtype == torch.bool and mask.shape == (16, 64) and len(set(mask.sum(1).tolist())) > 1
+    with pytest.raises(ValueError, match="same masked count in every sample"):
+        tiny_mae(torch.randn(16, 3, 32, 32), mask=mask)
 
 
 @pytest.mark.parametrize("name", masking.available())

@@ -46,6 +46,10 @@ class MultiScaleMask:
         self.base = build(base.pop("name"), **base)
         self.ratio = self.base.ratio
 
+    @property
+    def exact_count(self) -> bool:
+        return self.base.exact_count
+
     def __call__(self, batch_size: int, grid_size: tuple[int, int], generator: torch.Generator | None = None):
         return self.base(batch_size, grid_size, generator=generator)
 

@@ -44,7 +44,10 @@ def num_masked(ratio: float, num_patches: int) -> int:
 
 
 class MaskStrategy:
-    """Base class: checks the ratio and turns the grid size into ``L``."""
+    """Base class: checks the ratio and turns the grid size into ``L``. ``exact_count`` says whether
+    every sample gets exactly ``round(ratio * L)`` masked patches (what token-dropping encoders need)."""
+
+    exact_count = True
 
     def __init__(self, ratio: float = 0.75):
         ratio = float(ratio)

@@ -90,6 +90,10 @@ class BlockMask(MaskStrategy):
             count += added
         return grid.flatten()
 
+    @property
+    def exact_count(self) -> bool:
+        return self.exact
+
     def sample(self, batch_size, h, w, k, generator):
         mask = torch.stack([self.sample_one(h, w, k, generator) for _ in range(batch_size)])
         return fill_to_count(mask, k, generator) if self.exact else mask
@@ -153,6 +157,8 @@ class IBOTMask(MaskStrategy):
     ``(min(h, w) // 3) ** 2`` patches unless ``min_num_patches`` is given, aspect in
     ``[min_aspect, 1/min_aspect]``) or ``rand``. Counts differ per image: for encoders that replace
     masked tokens (iBOT), not for those that drop them."""
+
+    exact_count = False
 
     def __init__(self, ratio: float = 0.3, ratio_var: float = 0.2, skip_prob: float = 0.5, shape: str = "block",
                  min_num_patches: int | None = None, min_aspect: float = 0.3):

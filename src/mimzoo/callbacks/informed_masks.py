@@ -5,55 +5,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
-from mimzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from mimzoo.data.transforms import denormalize
 
-from .reconstruction import mask_to_pixels
+from .reconstruction import ImagePanels, mask_to_pixels
 
 
-class InformedMaskPanels(L.Callback):
+class InformedMaskPanels(ImagePanels):
     """Every ``every_n_epochs``, build the informed mask of a fixed validation batch with the current
     encoder and save ``informed_masks/epoch_XXXX.png`` (``out_dir`` defaults to the trainer's
     ``default_root_dir``, the run directory). Rows: original; the object part tinted red; the informed
     mask (grey) with hint patches tinted green; the reconstruction from that mask. Needs a method with
     ``informed_mask`` (SG-MAE); drawn in phase A too, to show what the switch would mask.
 
-    Not a subclass of :class:`ReconstructionPanels`: ``configure_callbacks`` would let it replace them."""
+    A sibling of :class:`ReconstructionPanels`, not a subclass: ``configure_callbacks`` would let a
+    subclass replace them."""
 
-    def __init__(self, out_dir: str | None = None, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.out_dir = Path(out_dir) if out_dir else None
-        self.num_images, self.every_n_epochs, self.seed = num_images, every_n_epochs, seed
-        self.mean, self.std = mean, std
-        self.images: torch.Tensor | None = None
-        self.last_path: Path | None = None
+    log_key, caption = "informed_mask", "original | Ncut object part | informed mask (hints green) | reconstruction"
 
     def setup(self, trainer, pl_module, stage):
         if self.out_dir is None:
             self.out_dir = Path(trainer.default_root_dir) / "informed_masks"
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if self.images is None and batch_idx == 0:
-            self.images = batch[0][: self.num_images].detach().cpu()
-
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if self.images is None or not hasattr(pl_module, "informed_mask") or trainer.sanity_checking:
-            return
-        final_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if ((trainer.current_epoch + 1) % self.every_n_epochs and not final_epoch) or not trainer.is_global_zero:
-            return
-        panel = self.render(pl_module, self.images.to(pl_module.device))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.last_path = self.out_dir / f"epoch_{trainer.current_epoch:04d}.png"
-        save_image(panel, self.last_path)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image("informed_mask", [panel], step=trainer.global_step,
-                                 caption=["original | Ncut object part | informed mask (hints green) | reconstruction"])
+    def applies(self, pl_module) -> bool:
+        return hasattr(pl_module, "informed_mask")
 
     def render(self, pl_module, images: torch.Tensor) -> torch.Tensor:
         informed = pl_module.informed_mask(images, torch.Generator().manual_seed(self.seed))

@@ -1,4 +1,5 @@
-"""Reconstruction panels (original | masked | reconstruction) as PNG files and W&B images."""
+"""Picture callbacks (PNG files in the run directory and W&B images): the shared :class:`ImagePanels`
+and the reconstruction panels (original | masked | reconstruction)."""
 
 from __future__ import annotations
 
@@ -18,18 +19,26 @@ def mask_to_pixels(mask: torch.Tensor, grid_size, patch_size: int) -> torch.Tens
     return unpatchify(ones, patch_size, grid_size, channels=1)
 
 
-class ReconstructionPanels(L.Callback):
-    """Every ``every_n_epochs``, reconstruct a fixed validation batch with a fixed mask and save
-    ``reconstructions/epoch_XXXX.png`` in the run directory (rows: original, masked, reconstruction);
-    the same picture goes to W&B when it is one of the loggers. Needs a method with ``reconstruct``."""
+class ImagePanels(L.Callback):
+    """Every ``every_n_epochs`` (and after the last epoch), render a picture of a fixed validation
+    batch on rank 0, save it as ``out_dir/epoch_XXXX.png`` and send it to every logger that has
+    ``log_image`` (W&B). Subclasses say which methods they apply to and how to render."""
 
-    def __init__(self, out_dir: str, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0,
+    log_key, caption = "panel", ""
+
+    def __init__(self, out_dir: str | None = None, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir else None
         self.num_images, self.every_n_epochs, self.seed = num_images, every_n_epochs, seed
         self.mean, self.std = mean, std
         self.images: torch.Tensor | None = None
         self.last_path: Path | None = None
+
+    def applies(self, pl_module) -> bool:
+        raise NotImplementedError
+
+    def render(self, pl_module, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self.images is None and batch_idx == 0:
@@ -37,12 +46,10 @@ class ReconstructionPanels(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module):
-        if self.images is None or not hasattr(pl_module, "reconstruct") or trainer.sanity_checking:
+        if self.images is None or not self.applies(pl_module) or trainer.sanity_checking:
             return
         final_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if (trainer.current_epoch + 1) % self.every_n_epochs and not final_epoch:
-            return
-        if not trainer.is_global_zero:
+        if ((trainer.current_epoch + 1) % self.every_n_epochs and not final_epoch) or not trainer.is_global_zero:
             return
         panel = self.render(pl_module, self.images.to(pl_module.device))
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,8 +57,17 @@ class ReconstructionPanels(L.Callback):
         save_image(panel, self.last_path)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image("reconstruction", [panel], step=trainer.global_step,
-                                 caption=["original | masked | reconstruction"])
+                logger.log_image(self.log_key, [panel], step=trainer.global_step, caption=[self.caption])
+
+
+class ReconstructionPanels(ImagePanels):
+    """Reconstruct a fixed validation batch with a fixed mask: ``reconstructions/epoch_XXXX.png`` in the
+    run directory (rows: original, masked, reconstruction). Needs a method with ``reconstruct``."""
+
+    log_key, caption = "reconstruction", "original | masked | reconstruction"
+
+    def applies(self, pl_module) -> bool:
+        return hasattr(pl_module, "reconstruct")
 
     def render(self, pl_module, images: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)

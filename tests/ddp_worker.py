@@ -1,5 +1,5 @@
-"""Run by test_ddp.py: a method (MAE, or iBOT with ``ibot``) through the ``trainer=ddp`` config on 2 CPU
-processes (gloo).
+"""Run by test_ddp.py and test_sgmae.py: a method through the ``trainer=ddp`` config on 2 CPU processes
+(gloo). Arguments: output dir, the tiny preset (``mae`` or ``ibot``), then extra Hydra overrides.
 
 Lightning re-launches this script for rank 1. Each rank saves its final weights and the labels of
 its first batch, so the test can check that ranks saw different data yet ended identical.
@@ -36,9 +36,9 @@ class DumpRankState(L.Callback):
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(out: Path, method: str):
-    overrides = [*(TINY_IBOT if method == "ibot" else TINY), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3",
-                 "trainer.limit_val_batches=0", "logger=csv", "data.batch_size=16"]
+def main(out: Path, preset: str, extra: list[str]):
+    overrides = [*(TINY_IBOT if preset == "ibot" else TINY), "trainer=ddp", "trainer.accelerator=cpu",
+                 "trainer.devices=2", "trainer.max_steps=3", "trainer.limit_val_batches=0", "logger=csv", "data.batch_size=16", *extra]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     L.seed_everything(cfg.seed, workers=True)
@@ -49,4 +49,4 @@ def main(out: Path, method: str):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "mae")
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "mae", sys.argv[3:])

@@ -390,41 +390,13 @@ def test_presets_compose_into_an_sgmae(preset, key):
     assert (key in cfg.hydra.sweeper.params) if key else not cfg.hydra.sweeper.params
 
 
-DDP_WORKER = """
-import sys
-from pathlib import Path
-sys.path.insert(0, {tests!r})
-import lightning as L
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from conftest import TINY
-from ddp_worker import DumpRankState
-from mimzoo.train import CONFIG_DIR, build_model
-
-out = Path(sys.argv[1])
-overrides = [*TINY, "model=sgmae", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-             "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0",
-             "data.batch_size=16", "logger=csv", "model.exploit_norm=raw", "model.exploit_k=1",
-             "model.exploit_cross=false", "model.fallback_fraction=null", "model.probe_size=32"]
-with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-    cfg = compose(config_name="train", overrides=overrides)
-L.seed_everything(cfg.seed, workers=True)
-trainer = instantiate(cfg.trainer, callbacks=[DumpRankState(out)], logger=False, enable_checkpointing=False,
-                      default_root_dir=str(out))
-trainer.fit(build_model(cfg), datamodule=instantiate(cfg.data))
-"""
-
-
 def test_ddp_ranks_switch_together_and_stay_identical(tmp_path):
     """Two gloo processes: the rule (raw rates: mask tokens hold most keys, so it fires at once) switches both
     ranks at epoch 0, each builds informed masks from its own shard, and the weights stay identical."""
-    worker = tmp_path / "sgmae_ddp_worker.py"
-    worker.write_text(DDP_WORKER.format(tests=str(os.path.dirname(__file__))))
-    env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    from test_ddp import run_two_ranks
+
+    r0, r1 = run_two_ranks(tmp_path, "mae", "model=sgmae", "model.exploit_norm=raw", "model.exploit_k=1",
+                           "model.exploit_cross=false", "model.fallback_fraction=null", "model.probe_size=32")
     assert not torch.equal(r0["labels"], r1["labels"])
     for r in (r0, r1):
         assert bool(r["state"]["sg_informed"]) and int(r["state"]["sg_switch_epoch"]) == 0

@@ -38,7 +38,8 @@ class DumpRankState(L.Callback):
 
 def main(out: Path, preset: str, extra: list[str]):
     overrides = [*(TINY_IBOT if preset == "ibot" else TINY), "trainer=ddp", "trainer.accelerator=cpu",
-                 "trainer.devices=2", "trainer.max_steps=3", "trainer.limit_val_batches=0", "logger=csv", "data.batch_size=16", *extra]
+                 "trainer.devices=2", "trainer.max_steps=3", "trainer.limit_val_batches=0", "logger=csv",
+                 "data.batch_size=16", *extra]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     L.seed_everything(cfg.seed, workers=True)

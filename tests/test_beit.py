@@ -166,7 +166,7 @@ def test_export_to_plain_timm_beit(per_layer, abs_pos):
         for n, p in model.encoder.named_parameters():
             if "relative_position_bias_table" in n or n == "pos_embed":
                 p.normal_()
-    kwargs, state = model.export_timm(per_layer_rel_pos_bias=per_layer)
+    kwargs, state = model.encoder.export_timm(per_layer_rel_pos_bias=per_layer)
     timm_model = timm.create_model(**kwargs).eval()
     assert type(timm_model) is timm.models.beit.Beit
     timm_model.load_state_dict(state, strict=True)
@@ -194,8 +194,6 @@ def test_short_training_lowers_the_loss():
 
 def test_hydra_config_builds_beit(monkeypatch):
     """conf/model/beit.yaml: a missing ckpt is a clear error; with one, train.build_model gives BEiT."""
-    import sys
-    import types
 
     from hydra import compose, initialize_config_dir
     from omegaconf.errors import MissingMandatoryValue
@@ -210,9 +208,7 @@ def test_hydra_config_builds_beit(monkeypatch):
             build_model(cfg)
         cfg = compose("train", overrides=[*overrides, "model.tokenizer.ckpt=/some/dvae.ckpt"])
     specs = []
-    fake = types.ModuleType("mimzoo.nn.tokenizer")  # stands in for the dVAE loader
-    fake.load_tokenizer = lambda spec: specs.append(spec) or FakeTokenizer()
-    monkeypatch.setitem(sys.modules, "mimzoo.nn.tokenizer", fake)
+    monkeypatch.setattr("mimzoo.methods.beit.load_tokenizer", lambda spec: specs.append(spec) or FakeTokenizer())
     model = build_model(cfg)
     assert isinstance(model, BEiT) and specs == [{"kind": "dvae", "ckpt": "/some/dvae.ckpt"}]
     assert model.grid_size == (8, 8) and model.encoder.blocks[0].gamma_1[0].item() == pytest.approx(0.1)

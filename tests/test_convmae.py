@@ -82,7 +82,7 @@ def encoder_views(model, x, mask):
     hook = model.encoder.blocks3.register_forward_hook(lambda m, i, o: captured.update(stage3=o))
     with torch.no_grad():
         latent = model.encode(x, mask)
-        s1, s2, _ = model.encoder.forward_stages(x, model.visible_maps(mask) if model.masked_conv else None)
+        s1, s2, _ = model.encoder.forward_stages(x, model.encoder.visible_maps(mask))
     hook.remove()
     v1, v2 = (~m for m in mask_pyramid(mask, (GRID, GRID), model.encoder.stage_scales))
     return dict(stage1=s1.permute(0, 2, 3, 1)[v1], stage2=s2.permute(0, 2, 3, 1)[v2],
@@ -102,7 +102,7 @@ def test_masked_pixels_reach_no_visible_feature_at_any_stage():
 
 def test_without_masked_convolution_masked_pixels_leak():
     model, x, mask = tiny(), images(), fixed_mask()
-    model.masked_conv = False  # the depth-wise convs now mix masked positions into visible ones
+    model.encoder.masked_conv = False  # the depth-wise convs now mix masked positions into visible ones
     a, b = encoder_views(model, x, mask), encoder_views(model, perturb_masked_pixels(x, mask), mask)
     for name in a:
         assert (a[name] - b[name]).abs().max() > 1e-3, name
@@ -234,7 +234,7 @@ def test_loss_and_pred_equal_official_reference(tmp_path, norm_pix_loss):
     torch.testing.assert_close(latent, ref.encoder(sd, x, 2, noise)[0].gather(1, grid_order), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.pred, pred, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-5)
-    model.masked_conv = False  # the flag removes exactly the mask multiply, nothing else
+    model.encoder.masked_conv = False  # the flag removes exactly the mask multiply, nothing else
     with torch.no_grad():
         leaky = ref.encoder(sd, x, 2, noise, masked_conv=False)[0].gather(1, grid_order)
         torch.testing.assert_close(model.encode(x, mask.bool()), leaky, rtol=1e-4, atol=1e-5)

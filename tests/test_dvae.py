@@ -15,7 +15,8 @@ from PIL import Image
 from mimzoo.data import MIMDataModule
 from mimzoo.methods import DVAE
 from mimzoo.methods.dvae import gumbel_temperature, kl_weight_at
-from mimzoo.nn.tokenizer import DVAETokenizer, load_tokenizer
+from mimzoo.methods.beit import load_tokenizer
+from mimzoo.nn.tokenizer import DVAETokenizer
 
 TINY_DVAE = dict(vae=dict(num_tokens=64, downsample=4, hidden_dim=32, code_dim=32, num_resblocks=0),
                  kl=dict(weight=0.1, warmup=0.1, shape="linear"), optim=dict(lr=3e-3, warmup_epochs=0))

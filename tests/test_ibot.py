@@ -282,7 +282,7 @@ def test_export_is_the_teacher_as_a_strict_timm_vit():
     vit.load_state_dict(sd, strict=True)
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(vit.eval()(images), model.features(images))
-    assert not torch.allclose(model.student.forward_tokens(images)[:, 0], model.features(images))
+    assert not torch.allclose(model.student.forward_masked(images)[:, 0], model.features(images))
 
 
 TRAIN = [sys.executable, "-m", "mimzoo.train"]
@@ -403,7 +403,7 @@ def test_official_backbone_release_imports_both_backbones(tmp_path):
                                  head=HEAD)
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(imported.features(images), model.features(images))
-    torch.testing.assert_close(imported.student.forward_tokens(images), model.teacher.forward_tokens(images))
+    torch.testing.assert_close(imported.student.forward_masked(images), model.teacher.forward_masked(images))
     del backbone["blocks.1.mlp.fc2.weight"]
     torch.save(backbone, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="missing keys"):

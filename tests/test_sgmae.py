@@ -211,7 +211,7 @@ def test_feature_pass_has_no_grad_and_leaves_the_loss_gradients_alone():
 
 
 def test_feature_layer_and_training_forward_use_the_informed_mask():
-    model = tiny_sgmae(informed=dict(emb_layer=0, hint_ratio=0.1)).train()
+    model = tiny_sgmae(emb_layer=0, informed=dict(hint_ratio=0.1)).train()
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         first = model.encoder.blocks[0](model.encoder._pos_embed(model.encoder.patch_embed(images)))
@@ -226,7 +226,7 @@ def test_feature_layer_and_training_forward_use_the_informed_mask():
     torch.manual_seed(1)
     assert torch.equal(informed, model.informed_mask(images).mask) and not torch.equal(informed, random)
     with pytest.raises(ValueError, match="emb_layer"):
-        SGMAE(**TINY_MAE, informed=dict(emb_layer=5))
+        SGMAE(**TINY_MAE, emb_layer=5)
 
 
 def test_hint_schedule_ramps_over_phase_b():
@@ -377,7 +377,7 @@ def test_end_to_end_switch_pictures_resume_and_eval(tmp_path):
 
 @pytest.mark.parametrize("preset,key", [
     ("sgmae_cifar", None), ("sgmae_hint", "model.informed.hint_ratio"), ("sgmae_start_epoch", "model.start_epoch"),
-    ("sgmae_emb_layer", "model.informed.emb_layer"), ("sgmae_mask_ratio", "mask.ratio")])
+    ("sgmae_emb_layer", "model.emb_layer"), ("sgmae_mask_ratio", "mask.ratio")])
 def test_presets_compose_into_an_sgmae(preset, key):
     from hydra import compose, initialize_config_dir
 

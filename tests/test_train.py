@@ -144,26 +144,28 @@ def test_bf16_mixed_precision_from_config(tmp_path):
 
 
 def test_each_model_brings_its_mask_and_optimiser():
-    """``model=X`` composes conf/mask/X.yaml and conf/optim/X.yaml; an explicit ``mask=``/``optim.`` wins."""
+    """``model=X`` composes the mask and optimiser presets its config names (no per-model copies); an explicit
+    ``mask=``/``optim.`` wins; a mask-free model (dVAE) has no mask and builds."""
     from hydra import compose, initialize_config_dir
 
-    from mimzoo.train import CONFIG_DIR
+    from mimzoo.train import CONFIG_DIR, build_model
 
+    models = sorted(p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml"))
+    assert {"mae", "beit", "dvae", "ibot", "convmae", "sgmae"} <= set(models)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         mae = compose(config_name="train")
         beit = compose(config_name="train", overrides=["experiment=beit", "model.tokenizer.ckpt=x.ckpt"])
         chosen = compose(config_name="train", overrides=["model=beit", "mask=random", "mask.ratio=0.5"])
-        dvae = compose(config_name="train", overrides=["model=dvae"])
+        dvae = compose(config_name="train", overrides=["model=dvae", "model.vae.num_tokens=16"])
+        composed = {name: compose(config_name="train", overrides=[f"model={name}"]) for name in models}
     assert mae.mask == {"name": "random", "ratio": 0.75} and mae.optim.betas == [0.9, 0.95]
     assert beit.model._target_ == "mimzoo.methods.BEiT" and beit.mask.name == "block" and beit.mask.exact is False
     assert beit.optim.betas == [0.9, 0.999] and beit.trainer.gradient_clip_val == 3.0
     assert chosen.mask == {"name": "random", "ratio": 0.5} and chosen.optim.blr == 1.875e-4
-    models = sorted(p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml"))
-    assert {"mae", "beit", "dvae", "ibot", "convmae", "sgmae"} <= set(models)
-    for name in models:  # every model has its recipe, so model=X alone composes
-        assert Path(CONFIG_DIR, "mask", f"{name}.yaml").exists() and Path(CONFIG_DIR, "optim", f"{name}.yaml").exists()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        assert compose(config_name="train", overrides=["model=convmae"]).mask.name == "multiscale"
-        assert compose(config_name="train", overrides=["model=ibot"]).mask.name == "ibot"
-        assert compose(config_name="train", overrides=["model=sgmae"]).mask.name == "random"
+    for name, cfg in composed.items():  # every model has its recipe, so model=X alone composes
+        assert "optim" in cfg and ("mask" in cfg) == (name != "dvae"), name
+    assert composed["convmae"].mask.name == "multiscale" and composed["convmae"].optim == mae.optim
+    assert composed["ibot"].mask.name == "ibot" and composed["sgmae"].mask == mae.mask
+    assert composed["sgmae"].optim == mae.optim
+    assert "mask" not in dvae and build_model(dvae).hparams.keys() >= {"optim", "vae"}
     assert dvae.model._target_ == "mimzoo.methods.DVAE" and dvae.optim.blr == 1.0e-3

@@ -305,7 +305,7 @@ def _ibot_head(sd: dict) -> dict:
 def _import_ibot(ckpt, path: str, overrides: dict):
     """bytedance/ibot weights -> :class:`mimzoo.methods.iBOT` (student, teacher, heads and centres when
     the file has them; a backbone-only release initialises both backbones from it, heads fresh)."""
-    from mimzoo.methods.ibot import iBOT, _head_defaults
+    from mimzoo.methods.ibot import iBOT
 
     full = isinstance(ckpt, dict) and "teacher" in ckpt
     if full:
@@ -326,7 +326,7 @@ def _import_ibot(ckpt, path: str, overrides: dict):
     encoder = dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=_num_blocks(t_backbone, "blocks."),
                    num_heads=_STANDARD_HEADS.get(dim, max(1, dim // 64)),
                    mlp_ratio=t_backbone["blocks.0.mlp.fc1.weight"].shape[0] / dim, in_chans=in_chans)
-    head = _head_defaults()
+    head = dict(iBOT.default_head)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
     if t_head:
         linears = sorted(int(k.split(".")[1]) for k in t_head if k.startswith("mlp.") and k.endswith(".weight"))

@@ -43,16 +43,16 @@ def wandb_mode(requested: str) -> str:
 
 
 def build_model(cfg: DictConfig):
-    """The method module from ``model`` + ``mask`` + ``optim`` (plain containers, so checkpoints keep them)."""
-    mask = OmegaConf.to_container(cfg.mask, resolve=True)
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    return instantiate(cfg.model, mask=mask, optim=optim, _convert_="all")
+    """The method module from ``model`` + the ``mask`` and ``optim`` its config brings (plain containers, so
+    checkpoints keep them); a mask-free model (the dVAE) brings no mask."""
+    parts = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("mask", "optim") if key in cfg}
+    return instantiate(cfg.model, **parts, _convert_="all")
 
 
 def build_datamodule(cfg: DictConfig, model):
     """The data module of ``data``, training on the views the method asks for (iBOT: multi-crop)."""
     datamodule = instantiate(cfg.data)
-    datamodule.train_views = getattr(model, "train_views", None)
+    datamodule.train_views = model.train_views
     return datamodule
 
 
@@ -86,7 +86,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
     if cfg.recon.enabled:
         callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
                                               cfg.recon.every_n_epochs))
-    probe = hasattr(model, "features")  # a tokenizer stage (dVAE) has no representation to probe
+    probe = model.has_features  # a tokenizer stage (dVAE) has no representation to probe
     if cfg.probe.knn.enabled and probe:
         callbacks.append(OnlineKNN(cfg.probe.knn.k, cfg.probe.knn.temperature, cfg.probe.knn.every_n_epochs,
                                    cfg.probe.knn.max_bank))

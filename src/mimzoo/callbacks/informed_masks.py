@@ -17,8 +17,8 @@ class InformedMaskPanels(ImagePanels):
     """Every ``every_n_epochs``, build the informed mask of a fixed validation batch with the current
     encoder and save ``informed_masks/epoch_XXXX.png`` (``out_dir`` defaults to the trainer's
     ``default_root_dir``, the run directory). Rows: original; the object part tinted red; the informed
-    mask (grey) with hint patches tinted green; the reconstruction from that mask. Needs a method with
-    ``informed_mask`` (SG-MAE); drawn in phase A too, to show what the switch would mask.
+    mask (grey) with hint patches tinted green; the reconstruction from that mask. SG-MAE's own callback
+    (its ``configure_callbacks`` adds it); drawn in phase A too, to show what the switch would mask.
 
     A sibling of :class:`ReconstructionPanels`, not a subclass: ``configure_callbacks`` would let a
     subclass replace them."""
@@ -30,7 +30,7 @@ class InformedMaskPanels(ImagePanels):
             self.out_dir = Path(trainer.default_root_dir) / "informed_masks"
 
     def applies(self, pl_module) -> bool:
-        return hasattr(pl_module, "informed_mask")
+        return True  # attached only by the method that defines ``informed_mask``
 
     def render(self, pl_module, images: torch.Tensor) -> torch.Tensor:
         informed = pl_module.informed_mask(images, torch.Generator().manual_seed(self.seed))

@@ -62,19 +62,19 @@ class ImagePanels(L.Callback):
 
 class ReconstructionPanels(ImagePanels):
     """Reconstruct a fixed validation batch with a fixed mask: ``reconstructions/epoch_XXXX.png`` in the
-    run directory (rows: original, masked, reconstruction). Needs a method with ``reconstruct``."""
+    run directory (rows: original, masked, reconstruction), for methods that reconstruct pixels."""
 
     log_key, caption = "reconstruction", "original | masked | reconstruction"
 
     def applies(self, pl_module) -> bool:
-        return hasattr(pl_module, "reconstruct")
+        return pl_module.reconstructs
 
     def render(self, pl_module, images: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)
         was_training = pl_module.training
         pl_module.eval()
-        masks = hasattr(pl_module, "draw_mask")  # mask-free methods (the dVAE) get no masked row
-        out = pl_module(images, mask=pl_module.draw_mask(images.shape[0], generator)) if masks else pl_module(images)
+        masks = pl_module.uses_mask  # mask-free methods (the dVAE) get no masked row
+        out = pl_module(images, mask=pl_module.draw_mask(images.shape[0], generator) if masks else None)
         recon = pl_module.reconstruct(images, out)
         pl_module.train(was_training)
         original = denormalize(images.float(), self.mean, self.std)

@@ -1,8 +1,9 @@
 """Mask strategies, one registry for every method (see DESIGN.md, "The mask contract")."""
 
-from .registry import MaskStrategy, available, build, fill_to_count, mask_to_ids, num_masked, register_mask
+from .registry import (MaskStrategy, available, build, fill_to_count, mask_pyramid, mask_to_ids, num_masked,
+                       register_mask, upsample_mask)
 from . import strategies  # noqa: F401  (registers the built-in strategies)
-from .multiscale import mask_pyramid, upsample_mask
+from . import multiscale  # noqa: F401  (registers multiscale)
 from .self_guided import Bipartition, InformedMask, SelfGuidedMask, choose_object, ncut_bipartition
 
 __all__ = ["Bipartition", "InformedMask", "MaskStrategy", "SelfGuidedMask", "available", "build", "choose_object",

@@ -11,25 +11,10 @@ import torch
 from .registry import build, register_mask
 
 
-def upsample_mask(mask: torch.Tensor, grid_size: tuple[int, int], scale: int) -> torch.Tensor:
-    """``[B, h*w]`` -> ``[B, (s*h)*(s*w)]``: each patch becomes an ``s x s`` block, both row-major
-    (fine cell ``(r, c)`` takes coarse patch ``(r // s, c // s)``)."""
-    b, (h, w) = mask.shape[0], grid_size
-    if mask.shape[1] != h * w:
-        raise ValueError(f"mask has {mask.shape[1]} patches, grid {h}x{w} has {h * w}")
-    return mask.view(b, h, 1, w, 1).expand(b, h, scale, w, scale).reshape(b, h * scale * w * scale)
-
-
-def mask_pyramid(mask: torch.Tensor, grid_size: tuple[int, int], scales) -> list[torch.Tensor]:
-    """The mask upsampled by each of ``scales``, as ``[B, s*h, s*w]`` maps (True = masked)."""
-    h, w = grid_size
-    return [upsample_mask(mask, grid_size, s).view(mask.shape[0], s * h, s * w) for s in scales]
-
-
 @register_mask("multiscale")
 class MultiScaleMask:
     """Wraps any ``base`` strategy (``{"name": "random"}`` by default) and draws at the grid it is given,
-    the stage-3 grid; ConvMAE upsamples the result per stage with :func:`upsample_mask`.
+    the stage-3 grid; ConvMAE's encoder upsamples the result per stage with :func:`~mimzoo.masking.mask_pyramid`.
 
     ``ratio`` is the masked fraction of stage-3 patches, hence of every finer stage too (upsampling
     preserves it); it is passed on to the base strategy (whose own ``ratio``, if any, must agree).

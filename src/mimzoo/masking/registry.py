@@ -45,27 +45,36 @@ def num_masked(ratio: float, num_patches: int) -> int:
 
 class MaskStrategy:
     """Base class: checks the ratio and turns the grid size into ``L``. ``exact_count`` says whether
-    every sample gets exactly ``round(ratio * L)`` masked patches (what token-dropping encoders need)."""
+    every sample gets exactly ``round(ratio * L)`` masked patches (what token-dropping encoders need).
+
+    ``cell``: draw on a grid of ``cell x cell``-patch cells and mask whole cells (SimMIM masks 32 px
+    cells of 16 px patches: ``cell=2``); the ratio and the exact count then hold in cells."""
 
     exact_count = True
 
-    def __init__(self, ratio: float = 0.75):
+    def __init__(self, ratio: float = 0.75, cell: int = 1):
         ratio = float(ratio)
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"mask ratio must lie in (0, 1), got {ratio}; e.g. mask.ratio=0.75")
-        self.ratio = ratio
+        if int(cell) < 1:
+            raise ValueError(f"mask.cell must be a positive number of patches, got {cell}")
+        self.ratio, self.cell = ratio, int(cell)
 
     def __call__(self, batch_size: int, grid_size: tuple[int, int], generator: torch.Generator | None = None):
         h, w = grid_size
+        if h % self.cell or w % self.cell:
+            raise ValueError(f"mask.cell={self.cell} does not divide the {h}x{w} patch grid; pick a cell size that "
+                             "divides it (mask.cell=1 masks single patches)")
+        h, w = h // self.cell, w // self.cell
         k = num_masked(self.ratio, h * w)
         if k == 0 or k == h * w:
             raise ValueError(
-                f"mask ratio {self.ratio} on a {h}x{w} grid masks {k} of {h * w} patches; "
-                "choose a ratio that leaves at least one patch visible and one masked"
+                f"mask ratio {self.ratio} on a {h}x{w} grid masks {k} of {h * w} cells; "
+                "choose a ratio that leaves at least one cell visible and one masked"
             )
         mask = self.sample(batch_size, h, w, k, generator)
         assert mask.shape == (batch_size, h * w) and mask.dtype == torch.bool
-        return mask
+        return upsample_mask(mask, (h, w), self.cell) if self.cell > 1 else mask
 
     def sample(self, batch_size: int, h: int, w: int, k: int, generator) -> torch.Tensor:
         raise NotImplementedError
@@ -87,6 +96,21 @@ def fill_to_count(mask: torch.Tensor, k: int, generator: torch.Generator | None)
     out = torch.zeros_like(mask)
     out.scatter_(1, order[:, :k], True)
     return out
+
+
+def upsample_mask(mask: torch.Tensor, grid_size: tuple[int, int], scale: int) -> torch.Tensor:
+    """``[B, h*w]`` -> ``[B, (s*h)*(s*w)]``: each patch becomes an ``s x s`` block, both row-major
+    (fine cell ``(r, c)`` takes coarse patch ``(r // s, c // s)``)."""
+    b, (h, w) = mask.shape[0], grid_size
+    if mask.shape[1] != h * w:
+        raise ValueError(f"mask has {mask.shape[1]} patches, grid {h}x{w} has {h * w}")
+    return mask.view(b, h, 1, w, 1).expand(b, h, scale, w, scale).reshape(b, h * scale * w * scale)
+
+
+def mask_pyramid(mask: torch.Tensor, grid_size: tuple[int, int], scales) -> list[torch.Tensor]:
+    """The mask upsampled by each of ``scales``, as ``[B, s*h, s*w]`` maps (True = masked)."""
+    h, w = grid_size
+    return [upsample_mask(mask, grid_size, s).view(mask.shape[0], s * h, s * w) for s in scales]
 
 
 def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,10 +136,10 @@ def _top(score: torch.Tensor, allowed: torch.Tensor, n: int) -> torch.Tensor:
 
 @register_mask("self_guided")
 class SelfGuidedMask(MaskStrategy):
-    """Informed mask from Ncut on given patch features. ``emb_layer`` is not used here: it tells the
-    caller which encoder block's output to pass (-1 = last block, after the final norm)."""
+    """Informed mask from Ncut on given patch features (the caller picks which features; SG-MAE passes
+    one encoder block's output on the unmasked image)."""
 
-    def __init__(self, ratio: float = 0.75, emb_layer: int = -1, graph: str = "binary", tau: float = 0.2,
+    def __init__(self, ratio: float = 0.75, graph: str = "binary", tau: float = 0.2,
                  eps: float = 1e-5, object_rule: str = "seed", corner_check: bool = True, fill: str = "rank",
                  hint_ratio: float = 0.1, hint_select: str = "random", hint_remask: str = "random"):
         super().__init__(ratio)
@@ -150,7 +150,7 @@ class SelfGuidedMask(MaskStrategy):
                 raise ValueError(f"self_guided mask: unknown {key} {value!r}; choose one of {allowed}")
         if not 0.0 <= hint_ratio <= 1.0:
             raise ValueError(f"self_guided mask: hint_ratio must lie in [0, 1], got {hint_ratio}")
-        self.emb_layer, self.graph, self.tau, self.eps = int(emb_layer), graph, float(tau), float(eps)
+        self.graph, self.tau, self.eps = graph, float(tau), float(eps)
         self.object_rule, self.corner_check, self.fill = object_rule, bool(corner_check), fill
         self.hint_ratio, self.hint_select, self.hint_remask = float(hint_ratio), hint_select, hint_remask
 

@@ -48,8 +48,9 @@ class BlockMask(MaskStrategy):
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
         exact: bool = True,
+        cell: int = 1,
     ):
-        super().__init__(ratio)
+        super().__init__(ratio, cell)
         max_aspect = max_aspect or 1.0 / min_aspect
         if not 0 < min_aspect <= max_aspect:
             raise ValueError(f"block mask needs 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")
@@ -127,8 +128,8 @@ class CenterMask(MaskStrategy):
     row of the block may be partial so the count is exact and the block stays connected.
     """
 
-    def __init__(self, ratio: float = 0.5, random_position: bool = False):
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 0.5, random_position: bool = False, cell: int = 1):
+        super().__init__(ratio, cell)
         self.random_position = random_position
 
     def sample(self, batch_size, h, w, k, generator):
@@ -161,8 +162,8 @@ class IBOTMask(MaskStrategy):
     exact_count = False
 
     def __init__(self, ratio: float = 0.3, ratio_var: float = 0.2, skip_prob: float = 0.5, shape: str = "block",
-                 min_num_patches: int | None = None, min_aspect: float = 0.3):
-        super().__init__(ratio)
+                 min_num_patches: int | None = None, min_aspect: float = 0.3, cell: int = 1):
+        super().__init__(ratio, cell)
         if not 0.0 <= ratio_var <= min(ratio, 1.0 - ratio):
             raise ValueError(f"ibot mask needs 0 <= ratio_var <= min(ratio, 1 - ratio), got ratio {ratio}, "
                              f"ratio_var {ratio_var}; iBOT uses mask.ratio=0.3 mask.ratio_var=0.2")

@@ -1,19 +1,52 @@
-"""The LightningModule every method shares: masks, optimiser, per-step LR schedule, logging, guards.
+"""The method contract, and the LightningModule every method shares.
 
-A method subclasses :class:`MIMMethod` and implements ``forward(images, mask=None) -> MIMOutput``,
-``encode(images, mask=None)`` and ``grid_size``; everything else (AdamW with the usual no-decay
-groups, ``lr = blr * effective_batch / 256``, warm-up + cosine per step, the non-finite-loss guard,
-checkpoint metadata) lives here once.
+A method is one file in ``mimzoo/methods/`` holding one :class:`MIMMethod` subclass, plus its model
+config ``conf/model/<name>.yaml`` (whose defaults list also names the mask and optimiser presets the
+method trains with), plus its tests. Nothing else needs to know about it: ``mimzoo-train model=<name>``,
+the online probes, ``mimzoo-eval``, ``mimzoo-export``, ``load_pretrained`` and the picture callbacks
+work through the members below and nothing else.
+
+Must define
+    ``__init__(..., mask=None, optim=None)``: call ``super().__init__(mask, optim)``, then
+    ``self.save_hyperparameters()`` (a checkpoint rebuilds the module from them), then build
+    ``self.encoder``, a :class:`~mimzoo.nn.MaskedEncoder` (it drops masked tokens or replaces them with
+    a mask token; the method never needs to know which).
+    ``forward(images, mask=None) -> MIMOutput``: the loss of a batch. Without a mask it uses
+    :meth:`resolve_mask` (a training mask from :meth:`sample_mask`); with one it uses it as given, so
+    tests, pictures and comparisons with the official code can fix it.
+
+May override (default in brackets)
+    ``default_mask``, ``default_optim`` (class attributes) [MAE's random 75% and AdamW recipe]: the
+    recipe when the module is built from Python without ``mask``/``optim``.
+    ``uses_mask`` [True]: False for a mask-free stage (BEiT's dVAE): no strategy, no masked row in the
+    reconstruction panels, ``forward`` takes no mask.
+    ``has_features`` [True]: False for a stage with no representation to evaluate (the dVAE): no online
+    probes, and ``mimzoo-eval``/``mimzoo-export`` refuse its checkpoints.
+    ``reconstructs`` [False]: True when :meth:`reconstruct` returns images (reconstruction panels).
+    ``train_views`` [None]: the multi-crop the data module must produce instead of one view (iBOT).
+    ``eval_encoder`` [``self.encoder``]: the encoder probes, ``mimzoo-eval`` and ``mimzoo-export`` use
+    (iBOT: the teacher).
+    :meth:`sample_mask` [a draw from the mask strategy]: the mask of a batch given none (SG-MAE:
+    informed masks after its switch).
+    :meth:`features`, :meth:`encode`, :meth:`export_timm` [through ``eval_encoder``/``encoder``].
+    ``configure_callbacks`` (Lightning's) for method-specific pictures (SG-MAE's informed masks).
+
+Done here once for every method: the mask strategy from the registry, AdamW with the usual no-decay
+groups, ``lr = blr * effective_batch / 256``, warm-up + cosine per step (and an optional weight-decay
+cosine), logging of the loss and of ``MIMOutput.logs``, fixed validation masks, the non-finite-loss
+guard, and checkpoint metadata.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from timm.optim import param_groups_weight_decay
 
 from mimzoo import masking
+from mimzoo.nn import MaskedEncoder
 from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine, cosine_ramp
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
@@ -21,70 +54,96 @@ NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
 
 @dataclass
 class MIMOutput:
-    """What every method's forward returns. ``pred`` is set by pixel-reconstruction methods."""
+    """What every method's forward returns."""
 
     loss: torch.Tensor
-    mask: torch.Tensor  # bool [B, L], True = masked
-    pred: torch.Tensor | None = None  # [B, L, p*p*C]
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra scalars to log
-
-
-def _default_optim() -> dict:
-    return dict(blr=1.5e-4, lr=None, betas=(0.9, 0.95), weight_decay=0.05, warmup_epochs=40, min_lr=0.0)
+    mask: torch.Tensor | None  # bool [B, L], True = masked (None for a mask-free stage)
+    pred: torch.Tensor | None = None  # what :meth:`MIMMethod.reconstruct` turns into images
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra scalars, logged as train/<name>
 
 
 class MIMMethod(StepScheduledModule):
-    """Shared base; subclasses call ``super().__init__(mask, optim)`` then ``save_hyperparameters()``."""
+    """The shared base; the module docstring is the contract a subclass fulfils."""
+
+    default_mask: ClassVar[dict] = {"name": "random", "ratio": 0.75}
+    default_optim: ClassVar[dict] = dict(blr=1.5e-4, lr=None, betas=(0.9, 0.95), weight_decay=0.05,
+                                         warmup_epochs=40, min_lr=0.0)
+    uses_mask: ClassVar[bool] = True
+    has_features: ClassVar[bool] = True
+    reconstructs: ClassVar[bool] = False
+    train_views: dict | None = None
+    encoder: MaskedEncoder
 
     def __init__(self, mask: dict | None = None, optim: dict | None = None):
         super().__init__()
-        mask = dict(mask or {"name": "random", "ratio": 0.75})
-        self.mask_strategy = masking.build(mask.pop("name"), **mask)
-        self.optim_cfg = {**_default_optim(), **(optim or {})}
+        if self.uses_mask:
+            mask = dict(mask or self.default_mask)
+            self.mask_strategy = masking.build(mask.pop("name"), **mask)
+        elif mask:
+            raise ValueError(f"{type(self).__name__} sees whole images and takes no mask; drop the mask config")
+        self.optim_cfg = {**self.default_optim, **(optim or {})}
         self.val_mask_seed = 1234  # fixed masks on validation so val/loss compares across runs
 
-    # --- the API each method implements -------------------------------------------------------
+    # --- what the framework reads -------------------------------------------------------------
     @property
     def grid_size(self) -> tuple[int, int]:
-        """The patch grid; by default that of ``self.encoder`` (ViT and BEiT encoders alike)."""
         return tuple(self.encoder.grid)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.encoder.patch_embed.img_size)
+        return tuple(self.encoder.image_size)
+
+    @property
+    def eval_encoder(self) -> MaskedEncoder:
+        return self.encoder
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         raise NotImplementedError
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The encoder's final-norm tokens; with a mask, masked patches are dropped or mask tokens."""
+        return self.encoder.forward_masked(images, None if mask is None else self.resolve_mask(images, mask))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """One vector per image for probes (kNN, linear): the final-norm ``[CLS]`` token, unmasked."""
-        return self.encode(images)[:, 0]
+        """One vector per unmasked image for probes (kNN, linear), as the exported timm model computes it."""
+        return self.eval_encoder.features(images)
+
+    def reconstruct(self, images: torch.Tensor, out: MIMOutput) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` (dataset-normalised) from a forward's output; see ``reconstructs``."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct pixels")
+
+    def export_timm(self) -> tuple[dict, dict]:
+        """``(kwargs, state_dict)`` of ``eval_encoder`` as a plain timm model (export and fine-tuning)."""
+        return self.eval_encoder.export_timm()
 
     # --- masks --------------------------------------------------------------------------------
     def draw_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.mask_strategy(batch_size, self.grid_size, generator=generator).to(self.device)
 
+    def sample_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """The mask of a batch given none: a draw from the strategy."""
+        return self.draw_mask(images.shape[0])
+
     def resolve_mask(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Check the image size, then use the given mask or draw one from the strategy."""
+        """Check the image size, then use the given mask (checked by the encoder) or :meth:`sample_mask`."""
         if tuple(images.shape[-2:]) != tuple(self.image_size):
             raise ValueError(
                 f"images are {tuple(images.shape[-2:])} but the model was built for {tuple(self.image_size)}; "
                 "set data.image_size to match model.encoder.img_size"
             )
-        if mask is None:
-            return self.draw_mask(images.shape[0])
-        expected = (images.shape[0], self.grid_size[0] * self.grid_size[1])
-        if mask.dtype != torch.bool or tuple(mask.shape) != expected:
-            raise ValueError(f"mask must be a bool tensor of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
-        return mask.to(images.device)
+        return self.sample_mask(images) if mask is None else self.encoder.check_mask(images, mask)
+
+    def require_exact_masks(self) -> None:
+        """A dropping encoder needs the same masked count in every image: refuse a strategy that varies it."""
+        if self.encoder.drops_masked and not self.mask_strategy.exact_count:
+            raise ValueError(
+                f"{type(self).__name__} drops masked tokens and needs the same masked count in every image, but "
+                f"{self.mask_strategy!r} varies it; use a strategy with exact counts (mask=random, mask=block "
+                "with mask.exact=true, mask=grid, ...)")
 
     # --- training -----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        images = batch[0]
-        out = self(images)
+        out = self(batch[0])
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite loss ({out.loss.item()}) at step {self.global_step}; lower optim.blr, "
@@ -95,10 +154,15 @@ class MIMMethod(StepScheduledModule):
             self.log(f"train/{name}", value)
         return out.loss
 
+    def validation_mask(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        """A fixed mask per validation batch, so ``val/loss`` compares across runs (None without masks)."""
+        if not self.uses_mask:
+            return None
+        return self.draw_mask(images.shape[0], torch.Generator().manual_seed(self.val_mask_seed + batch_idx))
+
     def validation_step(self, batch, batch_idx):
         images = batch[0]
-        generator = torch.Generator().manual_seed(self.val_mask_seed + batch_idx)
-        out = self(images, mask=self.draw_mask(images.shape[0], generator))
+        out = self(images, mask=self.validation_mask(images, batch_idx))
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)
         return out
 
@@ -128,14 +192,6 @@ class MIMMethod(StepScheduledModule):
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.trainer, self.param_groups(self.optim_cfg["weight_decay"]), self.optim_cfg)
-
-    def export_timm(self) -> tuple[dict, dict]:
-        """``(kwargs, state_dict)``: ``timm.create_model(**kwargs)`` is the encoder as a plain timm
-        model (token pooling, no head) and loads ``state_dict`` with ``strict=True``. Methods whose
-        encoder is not a timm ViT override this; export and fine-tuning only use these two."""
-        kwargs = {"model_name": "vit_base_patch16_224", "pretrained": False, "num_classes": 0, "global_pool": "token",
-                  **self.encoder.timm_kwargs}  # the architecture name only picks the class: kwargs set every size
-        return kwargs, {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         cls = type(self)

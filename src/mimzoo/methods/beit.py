@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimzoo.nn.beit import BEiTEncoder, trunc_normal_1sigma_
+from mimzoo.nn.tokenizer import DALLETokenizer, Tokenizer
 
+from . import dvae
 from .base import MIMMethod, MIMOutput
 
 MISSING_TOKENIZER = (
@@ -26,17 +28,22 @@ MISSING_TOKENIZER = (
 )
 
 
-def _build_tokenizer(tokenizer) -> nn.Module:
-    if isinstance(tokenizer, nn.Module):
-        return tokenizer
-    if not tokenizer or tokenizer.get("ckpt") in (None, "", "???"):
-        raise ValueError(MISSING_TOKENIZER)
-    from mimzoo.nn.tokenizer import load_tokenizer  # lazy: only needed when a spec is given
-
-    return load_tokenizer(dict(tokenizer))
+def load_tokenizer(spec: dict) -> Tokenizer:
+    """``{"kind": "dvae", "ckpt": path}`` or ``{"kind": "dalle", "path": dir}`` (+ optional mean/std)."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind == "dvae":
+        if spec.get("ckpt") in (None, "", "???"):
+            raise ValueError(MISSING_TOKENIZER)
+        return dvae.load_tokenizer(spec.pop("ckpt"), **spec)
+    if kind == "dalle":
+        return DALLETokenizer(spec.pop("path"), **spec)
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'dvae' (with ckpt) or 'dalle' (with path)")
 
 
 class BEiT(MIMMethod):
+    default_mask = {"name": "block", "ratio": 0.4, "exact": False}
+
     def __init__(
         self,
         encoder: dict,
@@ -50,12 +57,14 @@ class BEiT(MIMMethod):
         drop_path_rate: float = 0.0,
     ):
         """``num_tokens``, if given, is checked against the tokenizer's codebook (the head's size)."""
-        super().__init__(mask=mask or {"name": "block", "ratio": 0.4, "exact": False}, optim=optim)
+        super().__init__(mask=mask, optim=optim)
         self.save_hyperparameters(ignore=["tokenizer"] if isinstance(tokenizer, nn.Module) else None)
         self.encoder = BEiTEncoder(
             **{"layer_scale_init": layer_scale_init, "use_abs_pos_emb": use_abs_pos_emb,
                "use_shared_rel_pos_bias": use_shared_rel_pos_bias, "drop_path_rate": drop_path_rate, **encoder})
-        tok = _build_tokenizer(tokenizer)
+        if tokenizer is None:
+            raise ValueError(MISSING_TOKENIZER)
+        tok = tokenizer if isinstance(tokenizer, nn.Module) else load_tokenizer(tokenizer)
         tok_grid = tuple(tok.grid_size(self.image_size))
         if tok_grid != self.grid_size:
             raise ValueError(
@@ -73,10 +82,6 @@ class BEiT(MIMMethod):
         trunc_normal_1sigma_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def encode(self, images, mask=None):
-        """Final-norm tokens ``[B, 1 + L, D]``; masked positions hold the mask token's outputs."""
-        return self.encoder(images, None if mask is None else self.resolve_mask(images, mask))
-
     @torch.no_grad()
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """Code ids ``[B, L]`` from the frozen tokenizer (eval mode, no gradients)."""
@@ -89,7 +94,7 @@ class BEiT(MIMMethod):
 
     def forward(self, images, mask=None):
         mask = self.resolve_mask(images, mask)
-        hidden = self.encoder(images, mask)[:, 1:]
+        hidden = self.encoder.forward_masked(images, mask)[:, 1:]
         logits = self.head(hidden[mask]).float()  # masked positions only: [M, num_tokens]
         labels = self.target(images)[mask]
         loss = F.cross_entropy(logits, labels)
@@ -101,6 +106,3 @@ class BEiT(MIMMethod):
         return super().no_weight_decay() | {
             n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
 
-    def export_timm(self, per_layer_rel_pos_bias: bool = True) -> tuple[dict, dict]:
-        """A plain timm Beit; see :meth:`BEiTEncoder.export_timm`."""
-        return self.encoder.export_timm(per_layer_rel_pos_bias)

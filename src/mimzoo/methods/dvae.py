@@ -3,25 +3,25 @@
 Gumbel-softmax codes with a temperature annealed exponentially per step (DALL-E: 1 -> 1/16),
 reconstruction loss on [0, 1] pixels, plus ``kl_weight * KL(q(z|x) || uniform)`` with the weight
 warmed up so early training is not pushed to uniform codes before the decoder learns anything.
-``tokenizer()`` hands the trained encoder to stage 2 as a :class:`~mimzoo.nn.tokenizer.Tokenizer`.
+``tokenizer()`` hands the trained encoder to stage 2 as a :class:`~mimzoo.nn.tokenizer.Tokenizer`;
+:func:`load_tokenizer` reads it back from a checkpoint. A :class:`MIMMethod` without mask or encoder:
+``uses_mask`` and ``has_features`` are off, so it gets no mask and no probes.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.optim import param_groups_weight_decay
 
 from mimzoo.nn.dvae import DiscreteVAE, kl_to_uniform
 from mimzoo.nn.tokenizer import DVAETokenizer
-from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine
 
-from .base import MIMMethod, _default_optim
+from .base import MIMMethod, MIMOutput
 
 
 def gumbel_temperature(step: int, total: int, start: float = 1.0, end: float = 1 / 16, anneal: float = 1.0) -> float:
@@ -40,37 +40,35 @@ def kl_weight_at(step: int, total: int, weight: float, warmup: float = 0.1, shap
     raise ValueError(f"kl.shape must be 'linear' or 'cosine', got {shape!r}")
 
 
-@dataclass
-class DVAEOutput:
-    loss: torch.Tensor
-    recon: torch.Tensor  # [B, C, H, W] pixels in [0, 1] (unclamped)
-    logits: torch.Tensor  # [B, num_tokens, h, w]
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+class DVAE(MIMMethod):
+    """``forward(images)`` takes the dataset-normalised batch; pixels are compared in [0, 1]. The
+    output's ``pred`` is the reconstruction ``[B, C, H, W]`` in [0, 1] (unclamped)."""
 
-
-class DVAE(StepScheduledModule):
-    """``forward(images)`` takes the dataset-normalised batch; pixels are compared in [0, 1]."""
+    uses_mask = has_features = False
+    reconstructs = True
 
     def __init__(self, vae: dict | None = None, image_size: int = 32, tau: dict | None = None, kl: dict | None = None,
                  recon_loss: str = "mse", hard: bool = False, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                 mask: dict | None = None, optim: dict | None = None):
-        super().__init__()
-        # `mask` is accepted and ignored: build_model passes the global mask config, a dVAE sees whole images
+                 optim: dict | None = None):
+        super().__init__(optim=optim)
         if recon_loss not in ("mse", "smooth_l1"):
             raise ValueError(f"recon_loss must be 'mse' or 'smooth_l1', got {recon_loss!r}")
-        self.save_hyperparameters(ignore=["mask"])
+        self.save_hyperparameters()
         self.vae = DiscreteVAE(**(vae or {}))
-        self.image_size, self.recon_loss_kind, self.hard = image_size, recon_loss, hard
+        self._image_size, self.recon_loss_kind, self.hard = image_size, recon_loss, hard
         self.tau_cfg = {"start": 1.0, "end": 1 / 16, "anneal": 1.0, **(tau or {})}
         self.kl_cfg = {"weight": 0.0, "warmup": 0.1, "shape": "cosine", **(kl or {})}
-        self.optim_cfg = {**_default_optim(), **(optim or {})}
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.total_steps: int | None = None  # set when the trainer builds the optimiser
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        return self._image_size, self._image_size
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        return self.image_size // self.vae.downsample, self.image_size // self.vae.downsample
+        return self._image_size // self.vae.downsample, self._image_size // self.vae.downsample
 
     # --- schedules ----------------------------------------------------------------------------
     def tau(self) -> float:
@@ -85,7 +83,9 @@ class DVAE(StepScheduledModule):
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() * self.std + self.mean).clamp(0, 1)
 
-    def forward(self, images: torch.Tensor) -> DVAEOutput:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
+        if mask is not None:
+            raise ValueError("the dVAE sees whole images and takes no mask")
         pixels = self.to_pixels(images)
         recon, logits = self.vae(pixels, tau=self.tau(), hard=self.hard)
         loss_fn = F.mse_loss if self.recon_loss_kind == "mse" else F.smooth_l1_loss
@@ -96,12 +96,12 @@ class DVAE(StepScheduledModule):
         probs = torch.bincount(ids.flatten(), minlength=self.vae.num_tokens).float() / ids.numel()
         perplexity = torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum())
         logs = {"recon_loss": recon_loss.detach(), "kl": kl.detach(), "perplexity": perplexity,
-                "codes_used": (probs > 0).float().mean()}
-        return DVAEOutput(loss=recon_loss + kl_weight * kl, recon=recon, logits=logits, logs=logs)
+                "codes_used": (probs > 0).float().mean(), "tau": self.tau(), "kl_weight": kl_weight}
+        return MIMOutput(loss=recon_loss + kl_weight * kl, mask=None, pred=recon, logs=logs)
 
-    def reconstruct(self, images: torch.Tensor, out: DVAEOutput) -> torch.Tensor:
+    def reconstruct(self, images: torch.Tensor, out: MIMOutput) -> torch.Tensor:
         """The reconstruction in the dataset-normalised space (for ReconstructionPanels)."""
-        return (out.recon.float().clamp(0, 1) - self.mean) / self.std
+        return (out.pred.float().clamp(0, 1) - self.mean) / self.std
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,28 +110,32 @@ class DVAE(StepScheduledModule):
 
     def tokenizer(self) -> DVAETokenizer:
         """A frozen copy of the encoder + codebook as a stage-2 tokenizer."""
-        return DVAETokenizer(copy.deepcopy(self.vae), self.image_size, self.hparams.mean, self.hparams.std).eval()
+        return DVAETokenizer(copy.deepcopy(self.vae), self._image_size, self.hparams.mean, self.hparams.std).eval()
 
     # --- training -----------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        out = self(batch[0])
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite dVAE loss ({out.loss.item()}) at step {self.global_step}; "
-                                     "lower optim.blr or set trainer.gradient_clip_val")
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
-        self.log_dict({"train/tau": self.tau(), "train/kl_weight": self.kl_weight()})
-        return out.loss
-
     def validation_step(self, batch, batch_idx):
-        out = self(batch[0])  # eval mode: argmax (hard) codes
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)
+        out = super().validation_step(batch, batch_idx)  # eval mode: argmax (hard) codes
         self.log_dict({f"val/{k}": out.logs[k] for k in ("recon_loss", "perplexity", "codes_used")}, sync_dist=True)
         return out
 
     def configure_optimizers(self):
         self.total_steps = int(self.trainer.estimated_stepping_batches)  # the tau and KL schedules' length
-        groups = param_groups_weight_decay(self, self.optim_cfg["weight_decay"])
-        return adamw_warmup_cosine(self.trainer, groups, self.optim_cfg)
+        return super().configure_optimizers()
 
-    on_save_checkpoint = MIMMethod.on_save_checkpoint  # records {"mimzoo": {"method": ...}} for load_pretrained
+
+def load_tokenizer(path, mean=None, std=None) -> DVAETokenizer:
+    """The stage-2 tokenizer of a ``mimzoo-train model=dvae`` checkpoint; ``mean``/``std`` default to its
+    training data's."""
+    path = Path(path)
+    hint = "train one with `mimzoo-train model=dvae data=<data>` and pass its checkpoints/last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"dVAE tokenizer checkpoint {path} does not exist; {hint}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    method = (ckpt.get("mimzoo") or {}).get("method") if isinstance(ckpt, dict) else None
+    expected = f"{DVAE.__module__}.{DVAE.__qualname__}"
+    if method != expected:
+        raise ValueError(f"{path} is not a mimzoo dVAE checkpoint (written by {method or 'no mimzoo method'}, "
+                         f"expected {expected}); {hint}")
+    model = DVAE(**ckpt["hyper_parameters"])
+    model.load_state_dict(ckpt["state_dict"])
+    return DVAETokenizer(model.vae, model._image_size, mean or model.hparams.mean, std or model.hparams.std).eval()

@@ -10,6 +10,7 @@ sharpened teacher targets. The EMA mechanism is shared (:class:`TeacherStudentMe
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,6 @@ from .teacher_student import TeacherStudentMethod
 NUM_GLOBAL = 2
 
 
-def _head_defaults() -> dict:
-    return dict(out_dim=8192, patch_out_dim=None, hidden_dim=2048, bottleneck_dim=256, num_layers=3,
-                shared_head=True, norm_last_layer=False)
-
-
 def collapse_diagnosis(entropy: float, kl: float, num_prototypes: int, kl_threshold: float = 1e-3) -> str | None:
     """DINO's two collapse modes both drive KL(teacher || student) to 0: a uniform teacher (entropy near
     log K) or one dominating dimension (entropy near 0). Returns a message, or None when healthy."""
@@ -41,6 +37,9 @@ def collapse_diagnosis(entropy: float, kl: float, num_prototypes: int, kl_thresh
 
 
 class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
+    default_head: ClassVar[dict] = dict(out_dim=8192, patch_out_dim=None, hidden_dim=2048, bottleneck_dim=256,
+                                        num_layers=3, shared_head=True, norm_last_layer=False)
+
     def __init__(
         self,
         encoder: dict,
@@ -67,7 +66,7 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         self.save_hyperparameters()
         if eval_backbone not in ("teacher", "student"):
             raise ValueError(f"model.eval_backbone must be 'teacher' or 'student', got {eval_backbone!r}")
-        head = {**_head_defaults(), **(head or {})}
+        head = {**self.default_head, **(head or {})}
         self.student = MaskTokenViT(**{**encoder, "drop_path_rate": drop_path_rate})
         self.teacher = MaskTokenViT(**{**encoder, "drop_path_rate": 0.0})  # iBOT: no drop-path in the teacher
         self.student_head = IBOTHead(self.student.embed_dim, **head)
@@ -95,23 +94,11 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
             views["local_size"] = max(p, round(self.image_size[0] * 3 / 7 / p) * p)
         return views
 
-    def _eval_backbone(self) -> MaskTokenViT:
+    @property
+    def eval_encoder(self) -> MaskTokenViT:
+        """The teacher backbone (iBOT's kNN/linear/fine-tune protocol) or the student: probes, ``[CLS]``
+        features and the export read it."""
         return self.teacher if self.hparams.eval_backbone == "teacher" else self.student
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The ``[CLS]`` token of the teacher backbone (iBOT's kNN/linear protocol) or of the student."""
-        return self._eval_backbone().forward_tokens(images)[:, 0]
-
-    def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Student tokens ``[B, 1 + N, D]``; with a mask, masked patches are the mask token."""
-        return self.student.forward_tokens(images, None if mask is None else self.resolve_mask(images, mask))
-
-    def export_timm(self) -> tuple[dict, dict]:
-        backbone = self._eval_backbone()
-        kwargs = {"model_name": "vit_base_patch16_224", "pretrained": False, "num_classes": 0,
-                  "global_pool": "token", **backbone.timm_kwargs}
-        state = {k: v.detach().cpu() for k, v in backbone.state_dict().items() if k != "mask_token"}
-        return kwargs, state
 
     # --- schedules ----------------------------------------------------------------------------------
     def teacher_temps(self) -> tuple[float, float]:
@@ -135,11 +122,11 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         masks = [self.resolve_mask(g, m) for g, m in zip(crops[:NUM_GLOBAL], masks)]
         globals_, mask = torch.cat(crops[:NUM_GLOBAL]), torch.cat(masks)
         with torch.no_grad():
-            t_tokens = self.teacher.forward_tokens(globals_)
+            t_tokens = self.teacher.forward_masked(globals_)
             t_cls, t_patch = self.teacher_head(t_tokens)
-        s_cls, s_patch = self.student_head(self.student.forward_tokens(globals_, mask))
+        s_cls, s_patch = self.student_head(self.student.forward_masked(globals_, mask))
         if len(crops) > NUM_GLOBAL:  # local crops: a second pass, unmasked, [CLS] only
-            s_local = self.student_head(self.student.forward_tokens(torch.cat(crops[NUM_GLOBAL:]))[:, :1])[0]
+            s_local = self.student_head(self.student.forward_masked(torch.cat(crops[NUM_GLOBAL:]))[:, :1])[0]
             s_cls = torch.cat([s_cls, s_local])
         loss_cls, loss_mim, entropy = self.loss(s_cls, s_patch, t_cls, t_patch, mask)
         loss = self.hparams.lambda_cls * loss_cls + self.hparams.lambda_mim * loss_mim

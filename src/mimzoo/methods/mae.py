@@ -1,20 +1,22 @@
 """MAE (He et al., 2022): encode visible patches only, decode all, regress masked pixels.
 
 Follows facebookresearch/mae ``models_mae.py``: same init, same decoder, same (norm-pixel) loss on
-masked patches only. The mask comes from the registry or is passed in.
+masked patches only. The mask comes from the registry or is passed in. Variants change the encoder
+(:meth:`MAE.build_encoder`, ConvMAE) or the training mask (:meth:`~MIMMethod.sample_mask`, SG-MAE).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mimzoo.masking import mask_to_ids
-from mimzoo.nn import MAEDecoder, ViTEncoder, patchify, unpatchify
+from mimzoo.nn import MAEDecoder, MaskedEncoder, ViTEncoder, patchify, unpatchify
 
 from .base import MIMMethod, MIMOutput
 
 
 class MAE(MIMMethod):
+    reconstructs = True
+
     def __init__(
         self,
         encoder: dict,
@@ -25,24 +27,23 @@ class MAE(MIMMethod):
     ):
         super().__init__(mask=mask, optim=optim)
         self.save_hyperparameters()
-        self.encoder = ViTEncoder(**encoder)
-        self.patch_size = self.encoder.patch_embed.patch_size[0]
-        self.decoder = MAEDecoder(
-            self.encoder.embed_dim, self.encoder.grid, self.patch_size, in_chans=encoder.get("in_chans", 3),
-            **(decoder or {}),
-        )
+        self.encoder = self.build_encoder(encoder)
+        self.require_exact_masks()
+        self.decoder = MAEDecoder.for_encoder(self.encoder, **(decoder or {}))
         self.norm_pix_loss = norm_pix_loss
 
-    def encode(self, images, mask=None):
-        """Final-norm tokens ``[B, 1 + visible, D]``; with a mask, masked patches never enter."""
-        ids_keep = None if mask is None else mask_to_ids(self.resolve_mask(images, mask))[0]
-        return self.encoder.forward_masked(images, ids_keep)
+    def build_encoder(self, encoder: dict) -> MaskedEncoder:
+        """A dropping encoder of these sizes (here a ViT); the decoder and loss adapt to its grid."""
+        return ViTEncoder(**encoder)
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per target patch: the encoder's stride."""
+        return self.encoder.stride
 
     def forward(self, images, mask=None):
         mask = self.resolve_mask(images, mask)
-        ids_keep, ids_restore = mask_to_ids(mask)
-        latent = self.encoder.forward_masked(images, ids_keep)
-        pred = self.decoder(latent, ids_restore)
+        pred = self.decoder(self.encoder.forward_masked(images, mask), mask)
         return MIMOutput(loss=self.loss(images, pred, mask), mask=mask, pred=pred)
 
     def target(self, images: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,7 @@ class SGMAE(MAE):
         optim: dict | None = None,
         norm_pix_loss: bool = True,
         informed: dict | None = None,
+        emb_layer: int = -1,
         start_epoch: int | None = None,
         fallback_fraction: float | None = 0.125,
         exploit_norm: str = "per_token",
@@ -147,9 +148,10 @@ class SGMAE(MAE):
         self.save_hyperparameters()
         self.informed_strategy = masking.build("self_guided", **{"ratio": self.mask_strategy.ratio, **(informed or {})})
         depth = len(self.encoder.blocks)
-        if not -depth <= self.informed_strategy.emb_layer < depth:
-            raise ValueError(f"model.informed.emb_layer={self.informed_strategy.emb_layer} but the encoder has "
-                             f"{depth} blocks (0..{depth - 1}, or -1 for the last)")
+        if not -depth <= emb_layer < depth:
+            raise ValueError(f"model.emb_layer={emb_layer} but the encoder has {depth} blocks (0..{depth - 1}, "
+                             "or -1 for the last)")
+        self.emb_layer = emb_layer % depth
         if exploit_agg not in EXPLOIT_AGGS or exploit_norm not in EXPLOIT_NORMS:
             raise ValueError(f"exploit_agg must be one of {EXPLOIT_AGGS} and exploit_norm one of {EXPLOIT_NORMS}")
         self.start_epoch, self.fallback_fraction, self.hint_ratio_end = start_epoch, fallback_fraction, hint_ratio_end
@@ -173,8 +175,7 @@ class SGMAE(MAE):
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, N, D]`` patch tokens of block ``emb_layer`` (final norm on the last) of the *unmasked*
         image: eval mode (no drop-path), no grad, the encoder's train mode restored after."""
-        depth = len(self.encoder.blocks)
-        layer = self.informed_strategy.emb_layer % depth
+        depth, layer = len(self.encoder.blocks), self.emb_layer
         was_training = self.encoder.training
         self.encoder.eval()
         try:
@@ -200,14 +201,14 @@ class SGMAE(MAE):
         return self.informed_strategy.build(self.grid_size, generator, features=self.patch_features(images),
                                             hint_ratio=hint)
 
-    def forward(self, images, mask=None):
-        """MAE's forward; in training after the switch, without an explicit mask, the mask is informed."""
-        if mask is None and self.training and self.informed:
-            informed = self.informed_mask(images)
-            mask = informed.mask
-            if self._trainer is not None:
-                self.log("sgmae/fallback_rate", informed.fallback_rate)
-        return super().forward(images, mask)
+    def sample_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """In training after the switch, an informed mask; otherwise a draw from the random strategy."""
+        if not (self.training and self.informed):
+            return super().sample_mask(images)
+        informed = self.informed_mask(images)
+        if self._trainer is not None:
+            self.log("sgmae/fallback_rate", informed.fallback_rate)
+        return informed.mask
 
     # --- exploitation-rate probe and the switch ---------------------------------------------------
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +233,7 @@ class SGMAE(MAE):
         self.eval()
         try:
             with recorded_attention(self.decoder.blocks) as maps:
-                MAE.forward(self, images, mask)
+                self(images, mask)
         finally:
             self.train(was_training)
         return exploit_condition(maps, mask, **self.exploit)

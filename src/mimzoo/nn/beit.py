@@ -13,18 +13,22 @@ import torch
 from torch import nn
 from timm.models.beit import Beit
 
+from .masked_encoder import MaskedEncoder, state_for_export
+
 
 def trunc_normal_1sigma_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     """BEiT's truncated normal: cut at ±1 std (its code passes ``a=-std, b=std``), not timm's ±2."""
     return nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
 
 
-class BEiTEncoder(Beit):
-    """timm Beit with ``mask_token``; ``forward(images, mask)`` returns final-norm tokens ``[B, 1+L, D]``.
+class BEiTEncoder(MaskedEncoder, Beit):
+    """timm Beit with ``mask_token``, a replacing :class:`~mimzoo.nn.MaskedEncoder` (BEiT, SimMIM).
 
     Defaults follow BEiT's pre-training code: no absolute positions, one relative position bias
     table shared by every layer, layer scale 0.1.
     """
+
+    drops_masked = False
 
     def __init__(
         self,
@@ -53,12 +57,17 @@ class BEiTEncoder(Beit):
         )
         super().__init__(**self.timm_kwargs, num_classes=0, global_pool="token", qkv_bias=True,
                          drop_path_rate=drop_path_rate)
+        self.in_chans = in_chans
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.initialize_beit()
 
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.patch_embed.grid_size)
+
+    @property
+    def stride(self) -> int:
+        return self.patch_embed.patch_size[0]
 
     @torch.no_grad()
     def initialize_beit(self):
@@ -79,14 +88,16 @@ class BEiTEncoder(Beit):
             block.attn.proj.weight.div_(math.sqrt(2.0 * l))
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * l))
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Masked patch embeddings are replaced by ``mask_token`` before positions are added.
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm tokens ``[B, 1 + N, D]``; masked patch embeddings are replaced by ``mask_token``
+        before positions are added.
 
         ``torch.where`` is BEiT's ``x*(1-w) + mask_token*w`` but also exact for non-finite pixels, so
         masked pixels cannot influence any output (not even through full attention).
         """
         x = self.patch_embed(images)
         if mask is not None:
+            mask = self.check_mask(images, mask)
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
@@ -106,7 +117,7 @@ class BEiTEncoder(Beit):
         """
         kwargs = {"model_name": "beit_base_patch16_224", "pretrained": False, "num_classes": 0,
                   "global_pool": "token", **self.timm_kwargs}
-        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k != "mask_token"}
+        state = state_for_export(self, drop=("mask_token",))
         if per_layer_rel_pos_bias and self.rel_pos_bias is not None:
             table = state.pop("rel_pos_bias.relative_position_bias_table")
             for i in range(len(self.blocks)):

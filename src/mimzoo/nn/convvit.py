@@ -18,6 +18,9 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mimzoo.masking import mask_pyramid, mask_to_ids
+
+from .masked_encoder import MaskedEncoder, state_for_export
 from .pos_embed import sincos_pos_embed_2d
 from .vit import init_linear_and_norm
 
@@ -208,9 +211,15 @@ def convmae_convvit(pretrained: bool = False, **kwargs) -> ConvViT:
     return model
 
 
-class ConvMAEEncoder(ConvViT):
-    """The pre-training encoder: a :class:`ConvViT` (final ``norm``, no head) plus the multi-scale fusion
-    convs, with frozen sin-cos positions. ``forward_masked`` is ConvMAE's ``forward_encoder``."""
+class ConvMAEEncoder(MaskedEncoder, ConvViT):
+    """The pre-training encoder, a dropping :class:`~mimzoo.nn.MaskedEncoder`: a :class:`ConvViT` (final
+    ``norm``, no head) plus the multi-scale fusion convs, with frozen sin-cos positions.
+    ``forward_masked`` is ConvMAE's ``forward_encoder``: the stage-3 mask, upsampled, zeroes the conv
+    stages' depth-wise inputs at masked positions (masked convolution)."""
+
+    drops_masked = True
+    num_prefix_tokens = 0
+    masked_conv: bool = True  # False only to show that leakage happens without it (tests)
 
     def __init__(self, img_size: int = 224, patch_size=(4, 2, 2), embed_dim=(256, 384, 768), depth=(2, 2, 11),
                  num_heads: int = 12, mlp_ratio=(4.0, 4.0, 4.0), in_chans: int = 3, drop_path_rate: float = 0.0):
@@ -220,6 +229,7 @@ class ConvMAEEncoder(ConvViT):
         self.timm_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                 num_heads=num_heads, mlp_ratio=mlp_ratio, in_chans=in_chans)
         super().__init__(**self.timm_kwargs, num_classes=0, global_pool="norm_avg", drop_path_rate=drop_path_rate)
+        self.in_chans = in_chans
         s2, s3 = patch_size[1] * patch_size[2], patch_size[2]  # from stage 1 / stage 2 to the stage-3 grid
         self.stage1_output_decode = nn.Conv2d(embed_dim[0], embed_dim[2], s2, stride=s2)
         self.stage2_output_decode = nn.Conv2d(embed_dim[1], embed_dim[2], s3, stride=s3)
@@ -230,10 +240,19 @@ class ConvMAEEncoder(ConvViT):
         """How many times finer the stage-1 and stage-2 grids are than the stage-3 grid."""
         return self.patch_size[1] * self.patch_size[2], self.patch_size[2]
 
-    def forward_masked(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None,
-                       visible: tuple | None = None) -> torch.Tensor:
-        """Fused latent ``[B, K, D]``: stage-3 blocks on the ``ids_keep`` tokens only, plus the stage-1 and
+    def visible_maps(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stage-1 and stage-2 visibility ``[B, 1, H_i, W_i]`` (1 = visible) from the stage-3 mask."""
+        if not self.masked_conv:
+            return None
+        return tuple((~m).unsqueeze(1).float() for m in mask_pyramid(mask, self.grid, self.stage_scales))
+
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused latent ``[B, K, D]``: stage-3 blocks on the visible tokens only, plus the stage-1 and
         stage-2 maps brought to the stage-3 grid by strided convs at the same positions, then ``norm``."""
+        ids_keep = visible = None
+        if mask is not None:
+            mask = self.check_mask(images, mask)
+            ids_keep, visible = mask_to_ids(mask)[0], self.visible_maps(mask)
         s1, s2, x = self.forward_stages(images, visible)
         s1 = self.stage1_output_decode(s1).flatten(2).transpose(1, 2)
         s2 = self.stage2_output_decode(s2).flatten(2).transpose(1, 2)
@@ -241,3 +260,16 @@ class ConvMAEEncoder(ConvViT):
             index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
             x, s1, s2 = (torch.gather(t, 1, index) for t in (x, s1, s2))
         return self.norm(self.blocks3(x) + s1 + s2)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean of the final-norm stage-3 tokens, without the decoder-only fusion: exactly what the exported
+        classifier computes, as ConvMAE's global-pool fine-tune/linear models."""
+        return self.forward_features(images).mean(1)
+
+    def export_timm(self) -> tuple[dict, dict]:
+        """A :class:`ConvViT` (timm name ``convmae_convvit``, registered on ``import mimzoo.nn``) whose
+        ``forward`` returns :meth:`features`; the fusion convs, used only to feed the decoder, are dropped
+        (ConvMAE's fine-tuning model has none)."""
+        kwargs = {"model_name": "convmae_convvit", "pretrained": False, "num_classes": 0, "global_pool": "norm_avg",
+                  **self.timm_kwargs}
+        return kwargs, state_for_export(self, drop=("stage1_output_decode.", "stage2_output_decode."))

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import Block
 
+from mimzoo.masking import mask_to_ids
+
+from .masked_encoder import MaskedEncoder
 from .pos_embed import sincos_pos_embed_2d
 from .vit import init_linear_and_norm
 
@@ -48,9 +51,16 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_linear_and_norm)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """``latent [B, 1+K, D]`` (CLS first, visible tokens in ``ids_keep`` order; ``[B, K, D]`` without
-        ``cls_token``) -> ``[B, L, p*p*C]``."""
+    @classmethod
+    def for_encoder(cls, encoder: MaskedEncoder, **sizes) -> "MAEDecoder":
+        """The decoder that fits a dropping encoder's width, grid, stride, channels and prefix tokens."""
+        return cls(encoder.embed_dim, encoder.grid, encoder.stride, in_chans=encoder.in_chans,
+                   cls_token=encoder.num_prefix_tokens > 0, **sizes)
+
+    def forward(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``latent [B, 1+K, D]`` (CLS first, then the visible tokens in grid order, as a dropping encoder
+        returns them; ``[B, K, D]`` without ``cls_token``) and the mask ``[B, L]`` -> ``[B, L, p*p*C]``."""
+        ids_restore = mask_to_ids(mask)[1]
         x = self.embed(latent)
         b, num_patches = ids_restore.shape
         c = int(self.cls_token)

@@ -1,7 +1,8 @@
 """The tokenizer interface BEiT's stage 2 relies on: dataset-normalised images in, code ids out.
 
-Stage 2 does not care where codes come from: our own dVAE (``{"kind": "dvae", "ckpt": path}``) or
-OpenAI's DALL-E encoder (``{"kind": "dalle", "path": dir}``) fill the same :class:`Tokenizer`.
+Stage 2 does not care where codes come from: our own dVAE (:class:`DVAETokenizer`, read from a
+checkpoint by ``mimzoo.methods.dvae.load_tokenizer``) or OpenAI's DALL-E encoder fill the same
+:class:`Tokenizer`.
 Each tokenizer undoes the dataset normalisation itself and resizes to its own input size.
 """
 
@@ -15,9 +16,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from .dvae import DiscreteVAE
-
-DVAE_METHOD = "mimzoo.methods.dvae.DVAE"  # what mimzoo's DVAE module records in its checkpoints
-
 
 class Tokenizer(nn.Module):
     """``num_tokens`` codes; ``downsample`` tokenizer-input pixels per code along a side."""
@@ -73,24 +71,6 @@ class DVAETokenizer(Tokenizer):
     def logits(self, pixels):
         return self.vae.logits(pixels)
 
-    @classmethod
-    def from_checkpoint(cls, path, mean=None, std=None) -> DVAETokenizer:
-        """From a ``mimzoo-train model=dvae`` checkpoint; ``mean``/``std`` default to its training data's."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"dVAE tokenizer checkpoint {path} does not exist; train one with "
-                                    "`mimzoo-train model=dvae data=<data>` and pass its checkpoints/last.ckpt")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        method = (ckpt.get("mimzoo") or {}).get("method") if isinstance(ckpt, dict) else None
-        if method != DVAE_METHOD:
-            raise ValueError(f"{path} is not a mimzoo dVAE checkpoint (written by {method or 'no mimzoo method'}, "
-                             f"expected {DVAE_METHOD}); train one with `mimzoo-train model=dvae`")
-        hp = ckpt["hyper_parameters"]
-        vae = DiscreteVAE(**(hp.get("vae") or {}))
-        vae.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")})
-        return cls(vae, hp.get("image_size"), mean or hp.get("mean", IMAGENET_DEFAULT_MEAN),
-                   std or hp.get("std", IMAGENET_DEFAULT_STD))
-
 
 class DALLETokenizer(Tokenizer):
     """OpenAI's DALL-E encoder (``encoder.pkl``, 8192 codes, down-sampling 8) on half-size inputs
@@ -116,14 +96,3 @@ class DALLETokenizer(Tokenizer):
 
     def logits(self, pixels):
         return self.encoder(0.8 * pixels + 0.1)
-
-
-def load_tokenizer(spec: dict) -> Tokenizer:
-    """``{"kind": "dvae", "ckpt": path}`` or ``{"kind": "dalle", "path": dir}`` (+ optional mean/std)."""
-    spec = dict(spec)
-    kind = spec.pop("kind", None)
-    if kind == "dvae":
-        return DVAETokenizer.from_checkpoint(spec.pop("ckpt"), **spec)
-    if kind == "dalle":
-        return DALLETokenizer(spec.pop("path"), **spec)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'dvae' (with ckpt) or 'dalle' (with path)")

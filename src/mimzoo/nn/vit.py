@@ -13,6 +13,9 @@ from torch import nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from mimzoo.masking import mask_to_ids
+
+from .masked_encoder import MaskedEncoder, state_for_export
 from .pos_embed import sincos_pos_embed_2d
 
 
@@ -32,12 +35,11 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int
     return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, gh * p, gw * p)
 
 
-class ViTEncoder(VisionTransformer):
-    """timm ViT with a ``[CLS]`` token, fixed sin-cos positions and MAE's initialisation.
+class ViTEncoder(MaskedEncoder, VisionTransformer):
+    """timm ViT with a ``[CLS]`` token, fixed sin-cos positions and MAE's initialisation; a dropping
+    :class:`~mimzoo.nn.MaskedEncoder`: the blocks see the visible tokens only (MAE)."""
 
-    ``forward_masked(images, ids_keep)`` runs the blocks on the visible tokens only (MAE);
-    ``forward_features(images)`` (timm's) runs them on all tokens.
-    """
+    drops_masked = True
 
     def __init__(
         self,
@@ -67,12 +69,24 @@ class ViTEncoder(VisionTransformer):
             drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
             dynamic_img_size=dynamic_img_size,
         )
+        self.in_chans = in_chans
         self.pos_embed.requires_grad_(False)
         self.initialize_mae()
 
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.patch_embed.grid_size)
+
+    @property
+    def stride(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    def export_timm(self) -> tuple[dict, dict]:
+        """A plain timm ``VisionTransformer`` (token pooling, no head); the architecture name only picks
+        the class, the kwargs set every size. A mask token, if any, is not part of it."""
+        kwargs = {"model_name": "vit_base_patch16_224", "pretrained": False, "num_classes": 0, "global_pool": "token",
+                  **self.timm_kwargs}
+        return kwargs, state_for_export(self, drop=("mask_token",))
 
     def initialize_mae(self):
         """MAE's init: frozen sin-cos positions, xavier patch/linears, normal(0.02) tokens."""
@@ -82,10 +96,11 @@ class ViTEncoder(VisionTransformer):
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_linear_and_norm)
 
-    def forward_masked(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens ``[B, 1 + L_keep, D]`` after the final norm; ``ids_keep=None`` keeps all."""
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``[B, 1 + K, D]`` after the final norm, ``K`` visible patches in grid order."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
-        if ids_keep is not None:
+        if mask is not None:
+            ids_keep = mask_to_ids(self.check_mask(images, mask))[0]
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
@@ -94,10 +109,12 @@ class ViTEncoder(VisionTransformer):
 
 
 class MaskTokenViT(ViTEncoder):
-    """iBOT's ViT: a learned, zero-initialised ``mask_token`` (iBOT's ``masked_embed``) replaces the
-    patch embedding of masked patches before ``[CLS]`` and positions are added, and every token goes
-    through the blocks. Learned positions (trunc-normal 0.02) are interpolated for crops of another
+    """iBOT's ViT, a replacing :class:`~mimzoo.nn.MaskedEncoder`: a learned, zero-initialised ``mask_token``
+    (iBOT's ``masked_embed``) replaces the patch embedding of masked patches before ``[CLS]`` and
+    positions are added, and every token goes through the blocks. Learned positions (trunc-normal 0.02) are interpolated for crops of another
     size (multi-crop local views). Init as iBOT/DINO: trunc-normal(0.02) linears and tokens."""
+
+    drops_masked = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs, dynamic_img_size=True)
@@ -108,11 +125,12 @@ class MaskTokenViT(ViTEncoder):
         self.apply(_init_trunc_normal)
         self.patch_embed.proj.reset_parameters()  # iBOT leaves the patch conv at PyTorch's default
 
-    def forward_tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm tokens ``[B, 1 + N, D]``; ``mask`` (bool ``[B, N]``, True = masked) swaps the
-        masked patches' embeddings for the mask token, so their pixels never enter."""
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm tokens ``[B, 1 + N, D]``; ``mask`` swaps the masked patches' embeddings for the mask
+        token, so their pixels never enter. Crops of another size (local views) take no mask."""
         x = self.patch_embed(images)  # [B, h, w, D] (dynamic image size)
         if mask is not None:
+            mask = self.check_mask(images, mask)
             b, h, w, d = x.shape
             x = torch.where(mask.view(b, h, w, 1), self.mask_token.to(x.dtype).view(1, 1, 1, d), x)
         x = self.blocks(self.norm_pre(self._pos_embed(x)))

@@ -13,8 +13,9 @@ from matplotlib.image import imread
 from omegaconf import OmegaConf
 
 from mimzoo.report import ReportError, main, report
+from mimzoo.train import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(CONFIG_DIR)  # the packaged configs, src/mimzoo/conf
 CONSTANT = ["data=cifar10_mini", "logger=csv"]
 
 

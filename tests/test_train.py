@@ -144,7 +144,7 @@ def test_bf16_mixed_precision_from_config(tmp_path):
 
 
 def test_each_model_brings_its_mask_and_optimiser():
-    """``model=X`` composes conf/mask/X.yaml and conf/optim/X.yaml; an explicit ``mask=``/``optim.`` wins."""
+    """``model=X`` composes src/mimzoo/conf/mask/X.yaml and .../optim/X.yaml; an explicit ``mask=``/``optim.`` wins."""
     from hydra import compose, initialize_config_dir
 
     from mimzoo.train import CONFIG_DIR

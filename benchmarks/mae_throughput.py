@@ -26,7 +26,7 @@ CASES = {  # name: (method, encoder, decoder, image size, batch on CPU, batch on
                     dict(dim=256, depth=4, num_heads=8), 32, 128, 1024),
     "vit_small_224": (MAE, dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
                       dict(dim=512, depth=8, num_heads=16), 224, 8, 256),
-    # ConvMAE-CIFAR (conf/model/convmae_encoder/cifar.yaml) with experiment=convmae_cifar's decoder
+    # ConvMAE-CIFAR (src/mimzoo/conf/model/convmae_encoder/cifar.yaml) with experiment=convmae_cifar's decoder
     "convmae_cifar_32": (ConvMAE, dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[64, 128, 256], depth=[2, 2, 8],
                                        num_heads=4), dict(dim=256, depth=4, num_heads=8), 32, 128, 1024),
 }

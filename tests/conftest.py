@@ -1,4 +1,5 @@
-"""Shared test setup: offline data from ../shared/data, W&B never online, tiny model overrides."""
+"""Shared test setup: offline data from $MIMZOO_DATA (else a synthetic stand-in), W&B never online, tiny
+model overrides."""
 
 import os
 import pickle

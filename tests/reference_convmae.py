@@ -3,8 +3,8 @@ official-format state dict, in plain torch ops, to check our module against.
 
 Nothing here uses mimzoo or timm. The transformer block, patchify and loss come from the equally
 independent ``reference_mae``; the conv stages, the mask upsampling (the official repeat/permute
-route, not mimzoo's), the fusion and the decoder without ``[CLS]`` are written out from the spec
-(algorithms.md §5).
+route, not mimzoo's), the fusion and the decoder without ``[CLS]`` are written out from the official
+Alpha-VL/ConvMAE ``models_convmae.py`` and ``vision_transformer.py``.
 """
 
 from __future__ import annotations

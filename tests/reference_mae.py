@@ -1,8 +1,8 @@
 """An independent functional MAE (facebookresearch/mae ``models_mae.py`` semantics) on an
 official-format state dict, in plain torch ops, so our modules can be checked against it.
 
-Nothing here uses mimzoo or timm: attention, MLP, masking and loss are written out from the spec
-(algorithms.md §1.1-1.3, §2.1-2.3).
+Nothing here uses mimzoo or timm: attention, MLP, masking and loss are written out from the official
+facebookresearch/mae ``models_mae.py`` (and ``util/pos_embed.py`` for the position table).
 """
 
 from __future__ import annotations

@@ -193,16 +193,15 @@ def test_short_training_lowers_the_loss():
 
 
 def test_hydra_config_builds_beit(monkeypatch):
-    """conf/model/beit.yaml: a missing ckpt is a clear error; with one, train.build_model gives BEiT."""
+    """src/mimzoo/conf/model/beit.yaml: a missing ckpt is a clear error; with one, train.build_model gives BEiT."""
 
     from hydra import compose, initialize_config_dir
     from omegaconf.errors import MissingMandatoryValue
 
-    from conftest import REPO
-    from mimzoo.train import build_model
+    from mimzoo.train import CONFIG_DIR, build_model
 
     overrides = ["model=beit", "model/encoder=test", "data=cifar10_mini", "mask=block", "mask.exact=false"]
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("train", overrides=overrides)
         with pytest.raises(MissingMandatoryValue, match="ckpt"):
             build_model(cfg)

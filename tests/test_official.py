@@ -1,7 +1,7 @@
 """Official MAE checkpoints in: our module computes what facebookresearch/mae computes on the same
 weights, images and mask (checked against tests/reference_mae.py, an independent functional MAE);
 import -> load_pretrained -> export to timm round-trips; wrong files fail loudly. Also the sin-cos
-table and patch order against the spec (algorithms.md §1.1-1.2)."""
+table and patch order against facebookresearch/mae (``util/pos_embed.py``, ``models_mae.py``)."""
 
 import argparse
 import json
@@ -203,7 +203,7 @@ def test_other_mistakes_are_named(tmp_path):
         load_official("mae", mimzoo_ckpt)
 
 
-# --- (e) the sin-cos table, against algorithms.md §1.2 -----------------------------------------
+# --- (e) the sin-cos table, against facebookresearch/mae util/pos_embed.py ---------------------
 def test_sincos_table_matches_spec():
     dim, (h, w) = 8, (3, 4)  # non-square, so rows and columns cannot be confused
     t = sincos_pos_embed_2d(dim, (h, w), cls_token=True)[0]

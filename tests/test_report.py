@@ -13,8 +13,9 @@ from matplotlib.image import imread
 from omegaconf import OmegaConf
 
 from mimzoo.report import ReportError, main, report
+from mimzoo.train import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(CONFIG_DIR)  # the packaged configs, src/mimzoo/conf
 CONSTANT = ["data=cifar10_mini", "logger=csv"]
 
 
@@ -154,7 +155,7 @@ def test_ablation_presets_compose(name):
     parser = OverridesParser.create()
     batch = BasicSweeper.split_arguments(parser.parse_overrides([f"{k}={v}" for k, v in params.items()]), None)[0]
     assert [parser.parse_override(job[0]).value() for job in batch] == values
-    # The small-scale protocol every preset shares (algorithms.md §10).
+    # The small-scale protocol every preset shares (experiment=mae_cifar: ViT-T, patch 4, decoder 256x4).
     assert (cfg.model.encoder.embed_dim, cfg.model.encoder.depth, cfg.model.encoder.patch_size) == (192, 12, 4)
     assert (cfg.model.decoder.dim, cfg.model.decoder.depth, cfg.model.decoder.num_heads) == (256, 4, 8)
     assert cfg.objective == "probe/knn_top1" and cfg.data.name == "cifar10" and cfg.mask.ratio == 0.75

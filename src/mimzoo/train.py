@@ -26,7 +26,8 @@ from mimzoo.callbacks import ReconstructionPanels
 from mimzoo.data import primary_view
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The Hydra configs ship inside the package (mimzoo/conf), so a non-editable install finds them too.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def wandb_mode(requested: str) -> str:

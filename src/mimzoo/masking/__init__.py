@@ -1,4 +1,4 @@
-"""Mask strategies, one registry for every method (see DESIGN.md, "The mask contract")."""
+"""Mask strategies, one registry for every method (the contract: ``registry.py``, and "Masks" in the README)."""
 
 from .registry import (MaskStrategy, available, build, fill_to_count, mask_pyramid, mask_to_ids, num_masked,
                        register_mask, upsample_mask)

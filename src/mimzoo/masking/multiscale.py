@@ -1,7 +1,8 @@
 """ConvMAE's multi-scale mask: one mask on the coarsest (stage-3) grid, repeated onto finer grids.
 
 Drawing once and upsampling keeps every finer-stage cell inside one stage-3 patch fully masked or
-fully visible, which is what keeps masked pixels out of the encoder (algorithms.md §5.2, §9.8).
+fully visible, which is what keeps masked pixels out of the encoder (Alpha-VL/ConvMAE ``models_convmae.py``
+repeats the mask the same way; a finer grid in another patch order would leak masked pixels).
 """
 
 from __future__ import annotations

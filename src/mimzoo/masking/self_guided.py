@@ -1,5 +1,5 @@
 """Self-guided informed masking (Self-Guided MAE, Shin et al. NeurIPS 2024): Normalized Cut on the
-model's own patch features, then mask the object part first (see /work/shared/sgmae.md §2.3).
+model's own patch features, then mask the object part first (see docs/sgmae.md in the mimzoo repository).
 
 No official code exists: the graph, the object rule, the similarity score and the hint rules are
 reconstructions, each a parameter. The strategy reads nothing from the model; the caller passes the

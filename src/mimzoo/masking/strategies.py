@@ -20,7 +20,7 @@ def _randint(lo: int, hi: int, generator) -> int:
 
 @register_mask("random")
 class RandomMask(MaskStrategy):
-    """MAE's per-sample random shuffle: uniform over positions, without replacement (MAE §2.2)."""
+    """MAE's per-sample random shuffle: uniform over positions, without replacement (facebookresearch/mae ``models_mae.py``, ``random_masking``)."""
 
     def sample(self, batch_size, h, w, k, generator):
         noise = torch.rand(batch_size, h * w, generator=generator)

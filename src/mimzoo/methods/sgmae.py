@@ -2,7 +2,7 @@
 masks built from its own patch clustering (Normalized Cut on its own features).
 
 No official code exists. The exploitation rate, the switch rule and every mask detail are
-reconstructions (/work/shared/sgmae.md §2), each a constructor argument (config key):
+reconstructions (see docs/sgmae.md in the mimzoo repository), each a constructor argument (config key):
 
 * phase A (epoch < T): plain MAE; once per epoch a fixed probe batch measures, per decoder layer, how
   much attention the masked-position outputs draw from visible tokens versus mask tokens;

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def load_official(method: str, path, **model_overrides):
-    """Load an official repository's checkpoint into the matching mimzoo module (see checkpoints.py)."""
+    """Load an official repository's checkpoint into the matching mimzoo module (see mimzoo.checkpoints)."""
     from mimzoo.checkpoints import load_official as _load
 
     return _load(method, path, **model_overrides)

@@ -26,7 +26,7 @@ from mimzoo.checkpoints import load_pretrained
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
-from mimzoo.train import CONFIG_DIR, build_loggers
+from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
 def resolve_ckpt(cfg: DictConfig) -> Path:

@@ -7,40 +7,21 @@ config (``.hydra/``), ``checkpoints/`` (``last.ckpt`` included), ``metrics.csv``
 
 from __future__ import annotations
 
-import netrc
-import os
-import uuid
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mimzoo.callbacks import ReconstructionPanels
 from mimzoo.data import primary_view
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
-
-# The Hydra configs ship inside the package (mimzoo/conf), so a non-editable install finds them too.
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
-
-
-def wandb_mode(requested: str) -> str:
-    """``auto`` -> ``online`` when an API key is configured (env or netrc), else ``offline``."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
-    try:
-        return "online" if netrc.netrc().authenticators(host) else "offline"
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return "offline"
+from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
 def build_model(cfg: DictConfig):
@@ -55,25 +36,6 @@ def build_datamodule(cfg: DictConfig, model):
     datamodule = instantiate(cfg.data)
     datamodule.train_views = model.train_views
     return datamodule
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
-    wb = cfg.logger.wandb
-    if wb.enabled:
-        hc = HydraConfig.get()
-        sweep = hc.mode == RunMode.MULTIRUN
-        group = wb.group or (Path(hc.sweep.dir).as_posix().replace("/", "_") if sweep else None)
-        name = hc.job.override_dirname or run_dir.name
-        id_file = run_dir / "wandb_id.txt"  # same W&B run when this run directory is resumed
-        if not id_file.exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            id_file.write_text(uuid.uuid4().hex[:8])
-        run_id = id_file.read_text().strip() if id_file.exists() else None
-        logger = WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name, tags=list(wb.tags),
-                             save_dir=str(run_dir), mode=wandb_mode(wb.mode), id=run_id, resume="allow",
-                             config=OmegaConf.to_container(cfg, resolve=True))
-        loggers.append(logger)
-    return loggers
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:

@@ -1,0 +1,106 @@
+"""What every official-checkpoint converter shares: reading the file safely, finding its state dict,
+renaming keys, inferring a ViT's sizes from its weights, and a strict load whose errors name the
+official keys. Pure helpers; the importers are the other modules of this package, one per source."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+_STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-T/S/B/L/H
+
+
+def read_official(path):
+    """``torch.load`` without arbitrary unpickling; ``argparse.Namespace`` (official ``args``) is allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and "mimzoo" in ckpt:
+        raise ValueError(f"{path} is already a mimzoo checkpoint; load it with mimzoo.load_pretrained")
+    return ckpt
+
+
+def model_state(ckpt, path: str) -> dict:
+    """The state dict of an official checkpoint: under ``"model"`` (training/release files) or bare."""
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a state dict, or a dict with one under 'model'; found {keys}")
+    return sd
+
+
+def official_args(ckpt):
+    """The ``args`` namespace an official training script saved beside the weights, if any."""
+    return ckpt.get("args") if isinstance(ckpt, dict) else None
+
+
+def rename(key: str, pairs) -> str:
+    """``key`` with the first matching ``(old, new)`` applied: a whole key, or a prefix when ``old`` ends in '.'."""
+    for old, new in pairs:
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            return new + key[len(old):]
+    return key
+
+
+def num_blocks(sd: dict, prefix: str) -> int:
+    """How many ``<prefix><i>.`` blocks the state dict holds."""
+    return 1 + max((int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)), default=-1)
+
+
+def standard_heads(dim: int) -> int:
+    """The head count of the standard ViT of this width (T/S/B/L/H), else one head per 64 channels;
+    heads are not in the weights, so an override is needed for anything else."""
+    return _STANDARD_HEADS.get(dim, max(1, dim // 64))
+
+
+def square_grid(num_positions: int, patch_shapes, path: str) -> int:
+    """The side of the square grid of ``num_positions`` patches; every ``(h, w)`` patch must be square."""
+    patch_shapes = [tuple(int(s) for s in hw) for hw in patch_shapes]
+    grid = math.isqrt(num_positions)
+    if grid * grid != num_positions or any(h != w for h, w in patch_shapes):
+        shown = ", ".join(f"{h}x{w}" for h, w in patch_shapes)
+        raise ValueError(f"{path}: only square patches on a square grid are supported "
+                         f"(patch {shown}, {num_positions} position slots)")
+    return grid
+
+
+def block_sizes(sd: dict, prefix: str, dim: int) -> tuple[int, float]:
+    """Depth and MLP ratio of the ``<prefix><i>.`` blocks of width ``dim`` (ratio 4 when there are none)."""
+    depth = num_blocks(sd, prefix)
+    return depth, sd[f"{prefix}0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0
+
+
+def vit_encoder_sizes(sd: dict, path: str) -> dict:
+    """The ViT encoder keyword arguments a timm-named ViT state dict fixes (``patch_embed.proj``,
+    ``pos_embed`` with a class slot, ``blocks.<i>``); the head count is the standard one for the width."""
+    dim, in_chans, *patch = sd["patch_embed.proj.weight"].shape
+    grid = square_grid(sd["pos_embed"].shape[1] - 1, [patch], path)
+    depth, mlp_ratio = block_sizes(sd, "blocks.", dim)
+    return dict(img_size=grid * patch[0], patch_size=patch[0], embed_dim=dim, depth=depth,
+                num_heads=standard_heads(dim), mlp_ratio=mlp_ratio, in_chans=in_chans)
+
+
+def load_strict(model, state: dict, official_name: Callable[[str], str], path: str, hint: str):
+    """``load_state_dict(strict=True)``, with mismatches reported under the official key names."""
+    ours = model.state_dict()
+    unexpected = sorted(official_name(k) for k in state.keys() - ours.keys())
+    missing = sorted(official_name(k) for k in ours.keys() - state.keys())
+    shapes = sorted(f"{official_name(k)} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
+                    for k, v in state.items() if k in ours and v.shape != ours[k].shape)
+    if unexpected or missing or shapes:
+        def show(name, keys):
+            return f"\n  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" if keys else ""
+
+        raise ValueError(
+            f"{path} does not match {type(model).__name__}:"
+            + show("unexpected keys", unexpected) + show("missing keys", missing) + show("shape mismatches", shapes)
+            + f"\n{hint}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model

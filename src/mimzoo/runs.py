@@ -1,0 +1,49 @@
+"""What every entry point shares: the packaged config dir and the loggers of a run directory."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import uuid
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+# The Hydra configs ship inside the package (mimzoo/conf), so a non-editable install finds them too.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto`` -> ``online`` when an API key is configured (env or netrc), else ``offline``."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+    try:
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return "offline"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """``metrics.csv`` in ``run_dir``, and a W&B run (resumed with the run directory) when ``logger.wandb`` is on."""
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    wb = cfg.logger.wandb
+    if wb.enabled:
+        hc = HydraConfig.get()
+        sweep = hc.mode == RunMode.MULTIRUN
+        group = wb.group or (Path(hc.sweep.dir).as_posix().replace("/", "_") if sweep else None)
+        name = hc.job.override_dirname or run_dir.name
+        id_file = run_dir / "wandb_id.txt"  # same W&B run when this run directory is resumed
+        if not id_file.exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            id_file.write_text(uuid.uuid4().hex[:8])
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        logger = WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name, tags=list(wb.tags),
+                             save_dir=str(run_dir), mode=wandb_mode(wb.mode), id=run_id, resume="allow",
+                             config=OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(logger)
+    return loggers

@@ -33,6 +33,28 @@ def test_variable_count_strategies_say_so_and_token_dropping_methods_refuse_them
         tiny_mae(torch.randn(16, 3, 32, 32), mask=mask)
 
 
+@pytest.mark.parametrize("mask", [{"name": "ibot"}, {"name": "block", "exact": False},
+                                  {"name": "multiscale", "base": {"name": "block", "exact": False}}])
+def test_token_dropping_methods_refuse_inexact_strategies_when_built(mask):
+    from conftest import TINY_MAE
+    from mimzoo.methods import ConvMAE, MAE
+
+    with pytest.raises(ValueError, match="drops masked tokens.*exact counts"):
+        MAE(**TINY_MAE, mask=mask)
+    with pytest.raises(ValueError, match="drops masked tokens"):
+        ConvMAE(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 8, 16], depth=[1, 1, 1], num_heads=2),
+                decoder=TINY_MAE["decoder"], mask=mask)
+
+
+@pytest.mark.parametrize("name", sorted(set(EXACT) - {"self_guided"}))  # self_guided ranks single patches
+def test_cells_mask_whole_groups_of_patches_with_the_exact_count(name):
+    strategy = masking.build(name, ratio=0.5, cell=2)
+    mask = strategy(8, (8, 8), generator=gen(1))
+    cells = mask.view(8, 4, 2, 4, 2)
+    assert bool((cells == cells[:, :, :1, :, :1]).all())
+    assert mask.sum(1).tolist() == [masking.num_masked(0.5, 16) * 4] * 8
+
+
 @pytest.mark.parametrize("name", masking.available())
 def test_seed_reproduces_mask(name):
     strategy = masking.build(name, ratio=0.6)

@@ -18,10 +18,10 @@ class MultiScaleMask:
     the stage-3 grid; ConvMAE's encoder upsamples the result per stage with :func:`~mimzoo.masking.mask_pyramid`.
 
     ``ratio`` is the masked fraction of stage-3 patches, hence of every finer stage too (upsampling
-    preserves it); it is passed on to the base strategy (whose own ``ratio``, if any, must agree).
+    preserves it); it is passed on to the base strategy (whose own ``ratio``, if any, must agree), as is ``cell``.
     """
 
-    def __init__(self, base: dict | str | None = None, ratio: float | None = None):
+    def __init__(self, base: dict | str | None = None, ratio: float | None = None, cell: int | None = None):
         base = dict(base or {"name": "random"}) if not isinstance(base, str) else {"name": base}
         if base.get("name") == "multiscale":
             raise ValueError("multiscale cannot wrap itself; give a base strategy such as {name: random}")
@@ -29,6 +29,8 @@ class MultiScaleMask:
             if base.get("ratio") not in (None, ratio):
                 raise ValueError(f"mask.ratio={ratio} contradicts mask.base.ratio={base['ratio']}; set one of them")
             base["ratio"] = ratio
+        if cell is not None:
+            base["cell"] = cell
         self.base = build(base.pop("name"), **base)
         self.ratio = self.base.ratio
 

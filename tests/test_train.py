@@ -99,7 +99,13 @@ def test_sweep_one_dir_per_point_and_shared_wandb_group(tmp_path, cli):
     result = report(sweep, metric="val/loss")
     table = (sweep / "report.md").read_text()
     assert "mask.ratio" in table and "model.decoder.depth" in table and table.count("\n| ") >= 5
-    assert (sweep / "report.png").stat().st_size > 0 and result
+    assert (sweep / "report.png").stat().st_size > 0 and result["paths"]["png"] == sweep / "report.png"
+    # The returned summary is the sweep's: its two swept keys, one row per point, each with the run's val/loss.
+    assert result["metric"] == "val/loss" and set(result["swept"]) == {"mask.ratio", "model.decoder.depth"}
+    rows = result["rows"]
+    assert sorted((r["mask.ratio"], r["model.decoder.depth"]) for r in rows) == [("0.5", "1"), ("0.5", "2"),
+                                                                                ("0.75", "1"), ("0.75", "2")]
+    assert all(isinstance(r["val/loss"], float) and r["note"] == "" for r in rows)
 
 
 @pytest.mark.slow

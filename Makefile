@@ -1,4 +1,4 @@
-# mimzoo: `make demo` (install + a short MAE run on CIFAR-10 + linear probe), `make test`, `make bench`.
+# mimzoo: `make demo` (install + a short MAE run on CIFAR-10 + linear probe), `make test`, `make test-fast`, `make bench`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ DEMO   ?= runs/demo
 DEMO_PROBE ?= data.batch_size=256 trainer.max_epochs=2 trainer.limit_train_batches=60 trainer.check_val_every_n_epoch=2 \
 	protocol.warmup_epochs=0.5 protocol.blr=10
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -30,8 +30,13 @@ demo: install
 	@echo "           reconstructions $(DEMO)/reconstructions/, W&B offline run $(DEMO)/wandb/,"
 	@echo "           linear probe $(DEMO)/linear_probe/results.json"
 
-test: install
-	$(BIN)/python -m pytest -q
+# Two tiers: the fast in-process tests first, so their failures show early, then the slow ones (marked
+# `slow`: end-to-end runs of the entry points in subprocesses, two-process DDP).
+test: test-fast
+	$(BIN)/python -m pytest -q -m slow
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/mae_throughput.py --json bench.json

@@ -1,8 +1,10 @@
 """Shared test setup: offline data from $MIMZOO_DATA (else a synthetic stand-in), W&B never online, tiny
-model overrides."""
+model overrides, and the ``cli`` fixture that runs the real entry points in a subprocess."""
 
 import os
 import pickle
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -51,6 +53,34 @@ TINY_MAE = dict(
     encoder=dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
     decoder=dict(dim=32, depth=1, num_heads=2),
 )
+
+
+def run_cli(module: str, *args: str, expect_ok: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m mimzoo.<module> *args`` (e.g. ``run_cli("train", *TINY, "trainer.max_steps=1")``) in a fresh
+    process with this process's environment, output captured as text. Fails the test, naming the command and
+    showing the end of its output, when the exit status is not the expected one (0 when ``expect_ok``, non-zero
+    otherwise) or when the run takes longer than ``timeout`` seconds."""
+    __tracebackhide__ = True
+    cmd = [sys.executable, "-m", f"mimzoo.{module}", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout ---\n{out[-3000:]}\n"
+                    f"--- stderr ---\n{err[-5000:]}")
+    if (proc.returncode == 0) != expect_ok:
+        expected = "0" if expect_ok else "non-zero"
+        pytest.fail(f"exit status {proc.returncode} (expected {expected}): {' '.join(cmd)}\n"
+                    f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """:func:`run_cli`, as a fixture (session-scoped, so module-scoped fixtures can launch runs too).
+    Tests that use it launch processes and belong to the slow tier: mark them ``@pytest.mark.slow``."""
+    return run_cli
 
 
 @pytest.fixture

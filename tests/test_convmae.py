@@ -3,10 +3,6 @@ upsampling order, visible-only stage 3, FLOPs masked vs unmasked, equality with 
 official forward (tests/reference_convmae.py) and the importer, export to timm and fine-tuning, and
 the Hydra entry points end to end on cifar10-mini."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
@@ -336,21 +332,17 @@ def test_convmae_cifar_preset_composes_and_builds():
 
 
 # --- end to end through the Hydra entry points ---------------------------------------------------
-def test_train_then_knn_eval_on_cifar10_mini(tmp_path):
+@pytest.mark.slow
+def test_train_then_knn_eval_on_cifar10_mini(tmp_path, cli):
     run = tmp_path / "run"
-    common = dict(capture_output=True, text=True, env=os.environ.copy())
-    proc = subprocess.run([sys.executable, "-m", "mimzoo.train", *TINY_CONVMAE, "mask=multiscale",
-                           "trainer.max_epochs=1", "trainer.limit_train_batches=2", "logger=csv",
-                           f"hydra.run.dir={run}"], **common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli("train", *TINY_CONVMAE, "mask=multiscale", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+        "logger=csv", f"hydra.run.dir={run}")
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved["mimzoo"]["method"] == "mimzoo.methods.convmae.ConvMAE" and saved["global_step"] == 2
     assert saved["hyper_parameters"]["encoder"]["patch_size"] == [1, 2, 2]
     assert list((run / "reconstructions").glob("epoch_*.png"))
     assert "probe/knn_top1" in (run / "metrics.csv").read_text().splitlines()[0]
-    proc = subprocess.run([sys.executable, "-m", "mimzoo.evaluate", "protocol=knn", f"ckpt={ckpt}",
-                           "data=cifar10_mini", "data.num_workers=0", "logger=csv",
-                           "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}"], **common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli("evaluate", "protocol=knn", f"ckpt={ckpt}", "data=cifar10_mini", "data.num_workers=0", "logger=csv",
+               "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}")
     assert "knn top-1" in proc.stdout and (tmp_path / "eval" / "results.json").exists()

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # two processes each
 
 
 def run_two_ranks(tmp_path, preset: str, *overrides: str):

@@ -4,8 +4,6 @@ schedules, round-trips through a checkpoint into the stage-2 Tokenizer interface
 import csv
 import math
 import os
-import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -116,25 +114,19 @@ def test_clear_tokenizer_errors(tmp_path, tiny_mae):
         load_tokenizer({"kind": "vqgan"})
 
 
-def mimzoo_train(*overrides):
-    proc = subprocess.run([sys.executable, "-m", "mimzoo.train", *overrides], capture_output=True, text=True,
-                          env=os.environ.copy())
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
+def stage1(tmp_path_factory, cli):
     """``mimzoo-train experiment=dvae`` (model=dvae + its optimiser) on cifar10-mini, tiny: 2 epochs of 8 steps."""
     run_dir = tmp_path_factory.mktemp("dvae_run")
-    mimzoo_train("experiment=dvae", "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
-                 "model.vae.num_tokens=64", "model.vae.hidden_dim=16", "model.vae.code_dim=16",
-                 "model.vae.num_resblocks=0", "optim.lr=3e-3", "optim.warmup_epochs=0", "trainer.max_epochs=2",
-                 "trainer.log_every_n_steps=2", "trainer.enable_progress_bar=false", "logger=csv",
-                 f"hydra.run.dir={run_dir}")
+    cli("train", "experiment=dvae", "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
+        "model.vae.num_tokens=64", "model.vae.hidden_dim=16", "model.vae.code_dim=16",
+        "model.vae.num_resblocks=0", "optim.lr=3e-3", "optim.warmup_epochs=0", "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=2", "trainer.enable_progress_bar=false", "logger=csv",
+        f"hydra.run.dir={run_dir}")
     return run_dir
 
 
+@pytest.mark.slow
 def test_cli_trains_a_dvae(stage1):
     tmp_path = stage1
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -149,14 +141,15 @@ def test_cli_trains_a_dvae(stage1):
     assert "probe/knn_top1" not in columns  # no features() to probe
 
 
-def test_two_stage_dvae_then_beit_through_the_cli(stage1, tmp_path):
+@pytest.mark.slow
+def test_two_stage_dvae_then_beit_through_the_cli(stage1, tmp_path, cli):
     """Stage 2 reads the stage-1 checkpoint through load_tokenizer: 64 codes on the 8x8 patch grid."""
     ckpt = stage1 / "checkpoints" / "last.ckpt"
-    mimzoo_train("experiment=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "model.num_tokens=64",
-                 "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
-                 "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                 "trainer.enable_progress_bar=false", "probe.knn.max_bank=128", "logger=csv",
-                 f"hydra.run.dir={tmp_path}")
+    cli("train", "experiment=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "model.num_tokens=64",
+        "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false", "probe.knn.max_bank=128", "logger=csv",
+        f"hydra.run.dir={tmp_path}")
     beit = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert beit["mimzoo"]["method"] == "mimzoo.methods.beit.BEiT"
     assert beit["hyper_parameters"]["tokenizer"]["ckpt"] == str(ckpt)
@@ -165,7 +158,8 @@ def test_two_stage_dvae_then_beit_through_the_cli(stage1, tmp_path):
                                                 "exact": False}
 
 
-def test_beit_checkpoint_evaluates_and_exports(stage1, tmp_path):
+@pytest.mark.slow
+def test_beit_checkpoint_evaluates_and_exports(stage1, tmp_path, cli):
     """Stage 2 through the CLI, then mimzoo-eval (kNN) and the export to a strict-loading timm Beit."""
     import json
 
@@ -175,15 +169,13 @@ def test_beit_checkpoint_evaluates_and_exports(stage1, tmp_path):
 
     ckpt = stage1 / "checkpoints" / "last.ckpt"
     run = tmp_path / "beit"
-    mimzoo_train("experiment=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "data=cifar10_mini",
-                 "data.batch_size=64", "data.num_workers=0", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                 "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "probe.knn.enabled=false",
-                 "logger=csv", f"hydra.run.dir={run}")
+    cli("train", "experiment=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "data=cifar10_mini",
+        "data.batch_size=64", "data.num_workers=0", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "probe.knn.enabled=false",
+        "logger=csv", f"hydra.run.dir={run}")
     beit_ckpt = run / "checkpoints" / "last.ckpt"
-    proc = subprocess.run([sys.executable, "-m", "mimzoo.evaluate", "protocol=knn", f"ckpt={beit_ckpt}",
-                           "data=cifar10_mini", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false",
-                           f"hydra.run.dir={tmp_path / 'knn'}"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli("evaluate", "protocol=knn", f"ckpt={beit_ckpt}", "data=cifar10_mini", "data.num_workers=0", "logger=csv",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'knn'}")
     assert 0 <= json.loads((tmp_path / "knn" / "results.json").read_text())["top1"] <= 1
     kwargs = export_encoder(beit_ckpt, tmp_path / "beit.pth")
     model = timm.create_model(**kwargs)

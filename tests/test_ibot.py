@@ -4,9 +4,6 @@ and the whole run through the Hydra entry points (train, resume, kNN eval, expor
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -285,24 +282,16 @@ def test_export_is_the_teacher_as_a_strict_timm_vit():
     assert not torch.allclose(model.student.forward_masked(images)[:, 0], model.features(images))
 
 
-TRAIN = [sys.executable, "-m", "mimzoo.train"]
-
-
-def run(*overrides):
-    proc = subprocess.run([*TRAIN, *TINY_IBOT, *overrides], capture_output=True, text=True, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
-
-
-def test_end_to_end_train_resume_eval_and_export(tmp_path):
+@pytest.mark.slow
+def test_end_to_end_train_resume_eval_and_export(tmp_path, cli):
     run_dir = tmp_path / "run"
     common = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
               "logger=csv", f"hydra.run.dir={run_dir}"]
-    run("trainer.max_epochs=1", *common)
+    cli("train", *TINY_IBOT, "trainer.max_epochs=1", *common)
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert first["global_step"] == 3 and first["hyper_parameters"]["mask"]["name"] == "ibot"
     assert first["state_dict"]["center"].abs().sum() > 0
-    run("trainer.max_epochs=2", "ckpt_path=last", *common)
+    cli("train", *TINY_IBOT, "trainer.max_epochs=2", "ckpt_path=last", *common)
     second = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert second["global_step"] == 6
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
@@ -314,10 +303,8 @@ def test_end_to_end_train_resume_eval_and_export(tmp_path):
     steps = sorted({int(r["step"]) for r in rows if r.get("train/ema_momentum")})
     assert steps[-1] == 5  # the resumed run continued the step count
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "mimzoo.evaluate", "protocol=knn",
-                           f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "data=cifar10_mini", "data.num_workers=0",
-                           "data.batch_size=64", f"hydra.run.dir={out}"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    cli("evaluate", "protocol=knn", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "data=cifar10_mini",
+        "data.num_workers=0", "data.batch_size=64", f"hydra.run.dir={out}")
     assert 0 <= json.loads((out / "results.json").read_text())["top1"] <= 1
     from mimzoo.checkpoints import export_encoder
 

@@ -5,6 +5,7 @@ import torch
 
 from mimzoo import masking
 from mimzoo.masking import mask_to_ids, num_masked
+from mimzoo.masking import registry as mask_registry
 
 GRID = (8, 8)
 
@@ -76,7 +77,17 @@ def test_ratio_outside_open_interval_is_an_error(ratio):
         masking.build("random", ratio=ratio)
 
 
-def test_register_custom_strategy():
+@pytest.fixture
+def restore_registry():
+    """Strategies a test registers are gone afterwards, so no other test (e.g. the one listing every
+    strategy) sees them, whatever the order."""
+    saved = dict(mask_registry._REGISTRY)
+    yield
+    mask_registry._REGISTRY.clear()
+    mask_registry._REGISTRY.update(saved)
+
+
+def test_register_custom_strategy(restore_registry):
     @masking.register_mask("_test_first_k")
     class FirstK(masking.MaskStrategy):
         def sample(self, batch_size, h, w, k, generator):

@@ -4,9 +4,6 @@ and end to end through mimzoo-train (switch, pictures, resume) and mimzoo-eval."
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -322,13 +319,6 @@ def test_switch_rule_fires_after_k_consecutive_probes():
 
 
 # --- end to end ---------------------------------------------------------------------------------------
-def run(module, *args):
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode:
-        raise AssertionError(f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
 def epoch_metrics(run_dir):
     """metrics.csv folded into one dict per epoch."""
     out = {}
@@ -339,12 +329,13 @@ def epoch_metrics(run_dir):
     return out
 
 
-def test_end_to_end_switch_pictures_resume_and_eval(tmp_path):
+@pytest.mark.slow
+def test_end_to_end_switch_pictures_resume_and_eval(tmp_path, cli):
     run_dir = tmp_path / "run"
     common = [*TINY, "model=sgmae", "logger=csv", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
               "trainer.log_every_n_steps=1", "model.probe_size=64", "probe.knn.enabled=false",
               f"hydra.run.dir={run_dir}"]
-    run("mimzoo.train", *common, "trainer.max_epochs=2", "model.start_epoch=1")
+    cli("train", *common, "trainer.max_epochs=2", "model.start_epoch=1")
     metrics = epoch_metrics(run_dir)
     assert metrics[0]["sgmae/informed"] == 0.0 and metrics[1]["sgmae/informed"] == 1.0
     assert metrics[1]["sgmae/switch_epoch"] == 1.0 and 0.0 <= metrics[1]["sgmae/fallback_rate"] <= 1.0
@@ -356,13 +347,13 @@ def test_end_to_end_switch_pictures_resume_and_eval(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert bool(ckpt["state_dict"]["sg_informed"]) and ckpt["mimzoo"]["method"] == "mimzoo.methods.sgmae.SGMAE"
     # Resume under a rule that cannot fire before epoch 100: the restored state keeps informed masking.
-    run("mimzoo.train", *common, "trainer.max_epochs=3", "model.start_epoch=null", "model.fallback_fraction=null",
+    cli("train", *common, "trainer.max_epochs=3", "model.start_epoch=null", "model.fallback_fraction=null",
         "model.exploit_k=100", "ckpt_path=last")
     metrics = epoch_metrics(run_dir)
     assert metrics[2]["sgmae/informed"] == 1.0 and metrics[2]["sgmae/switch_epoch"] == 1.0
     assert "sgmae/fallback_rate" in metrics[2]
     out = tmp_path / "knn"
-    run("mimzoo.evaluate", "protocol=knn", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "data=cifar10_mini",
+    cli("evaluate", "protocol=knn", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "data=cifar10_mini",
         "data.num_workers=0", "logger=csv", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         f"hydra.run.dir={out}")
     results = json.loads((out / "results.json").read_text())
@@ -390,6 +381,7 @@ def test_presets_compose_into_an_sgmae(preset, key):
     assert (key in cfg.hydra.sweeper.params) if key else not cfg.hydra.sweeper.params
 
 
+@pytest.mark.slow
 def test_ddp_ranks_switch_together_and_stay_identical(tmp_path):
     """Two gloo processes: the rule (raw rates: mask tokens hold most keys, so it fires at once) switches both
     ranks at epoch 0, each builds informed masks from its own shard, and the weights stay identical."""

@@ -2,8 +2,6 @@
 resume, reproduce from a seed, sweep (one dir per point, a shared W&B group), and clear errors."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,29 +10,18 @@ from omegaconf import OmegaConf
 
 from conftest import TINY
 
-TRAIN = [sys.executable, "-m", "mimzoo.train"]
-
-
-def mimzoo_train(*overrides, check=True):
-    flags = [o for o in overrides if o == "-m"]  # Hydra wants -m before the overrides
-    overrides = [o for o in overrides if o != "-m"]
-    proc = subprocess.run([*TRAIN, *flags, *TINY, *overrides], capture_output=True, text=True, env=os.environ.copy())
-    if check and proc.returncode:
-        raise AssertionError(f"mimzoo-train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
 def weights(run_dir):
     return torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, cli):
     run_dir = tmp_path_factory.mktemp("run")
-    proc = mimzoo_train("trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={run_dir}")
+    proc = cli("train", *TINY, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={run_dir}")
     return run_dir, proc
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoint_metrics_config_and_panels(first_run):
     run_dir, proc = first_run
     ckpt = weights(run_dir)
@@ -47,7 +34,8 @@ def test_train_writes_checkpoint_metrics_config_and_panels(first_run):
     assert f"checkpoint      {run_dir}" in proc.stdout and "final metrics" in proc.stdout
 
 
-def test_resume_continues_from_last(first_run, tmp_path):
+@pytest.mark.slow
+def test_resume_continues_from_last(first_run, tmp_path, cli):
     run_dir, _ = first_run
     resumed = tmp_path / "resumed"
     # Resume a copy in its own directory so the first run stays intact for the other tests.
@@ -55,7 +43,7 @@ def test_resume_continues_from_last(first_run, tmp_path):
 
     shutil.copytree(run_dir, resumed)
     before = weights(resumed)
-    mimzoo_train("trainer.max_epochs=2", "logger=csv", f"hydra.run.dir={resumed}", "ckpt_path=last")
+    cli("train", *TINY, "trainer.max_epochs=2", "logger=csv", f"hydra.run.dir={resumed}", "ckpt_path=last")
     after = weights(resumed)
     assert after["global_step"] == 16 and after["epoch"] == 1
     # The optimiser state was restored, not restarted: Adam's step count continues from 8.
@@ -65,30 +53,33 @@ def test_resume_continues_from_last(first_run, tmp_path):
                            after["state_dict"]["encoder.blocks.0.attn.qkv.weight"])
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    proc = mimzoo_train("trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={tmp_path}", "ckpt_path=last",
-                        check=False)
+@pytest.mark.slow
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cli):
+    proc = cli("train", *TINY, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={tmp_path}", "ckpt_path=last",
+               expect_ok=False)
     assert proc.returncode != 0 and "hydra.run.dir=<that run dir> ckpt_path=last" in proc.stderr
 
 
-def test_same_seed_reproduces_the_run(tmp_path):
+@pytest.mark.slow
+def test_same_seed_reproduces_the_run(tmp_path, cli):
     common = ["trainer.max_steps=3", "logger=csv", "probe.knn.enabled=false", "recon.enabled=false"]
     for name in ("a", "b"):
-        mimzoo_train(*common, f"hydra.run.dir={tmp_path / name}")
-    mimzoo_train(*common, "seed=1", f"hydra.run.dir={tmp_path / 'c'}")
+        cli("train", *TINY, *common, f"hydra.run.dir={tmp_path / name}")
+    cli("train", *TINY, *common, "seed=1", f"hydra.run.dir={tmp_path / 'c'}")
     a, b, c = (weights(tmp_path / n)["state_dict"] for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_sweep_one_dir_per_point_and_shared_wandb_group(tmp_path):
+@pytest.mark.slow
+def test_sweep_one_dir_per_point_and_shared_wandb_group(tmp_path, cli):
     sweep = tmp_path / "sweep"
     env_mode = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "offline"
     try:
-        mimzoo_train("-m", "mask.ratio=0.5,0.75", "model.decoder.depth=1,2", "trainer.max_epochs=1",
-                     "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                     "probe.knn.enabled=false", f"hydra.sweep.dir={sweep}")
+        cli("train", "-m", *TINY, "mask.ratio=0.5,0.75", "model.decoder.depth=1,2",  # Hydra wants -m first
+            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            "probe.knn.enabled=false", f"hydra.sweep.dir={sweep}")
     finally:
         os.environ["WANDB_MODE"] = env_mode or "disabled"
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -108,17 +99,25 @@ def test_sweep_one_dir_per_point_and_shared_wandb_group(tmp_path):
     result = report(sweep, metric="val/loss")
     table = (sweep / "report.md").read_text()
     assert "mask.ratio" in table and "model.decoder.depth" in table and table.count("\n| ") >= 5
-    assert (sweep / "report.png").stat().st_size > 0 and result
+    assert (sweep / "report.png").stat().st_size > 0 and result["paths"]["png"] == sweep / "report.png"
+    # The returned summary is the sweep's: its two swept keys, one row per point, each with the run's val/loss.
+    assert result["metric"] == "val/loss" and set(result["swept"]) == {"mask.ratio", "model.decoder.depth"}
+    rows = result["rows"]
+    assert sorted((r["mask.ratio"], r["model.decoder.depth"]) for r in rows) == [("0.5", "1"), ("0.5", "2"),
+                                                                                ("0.75", "1"), ("0.75", "2")]
+    assert all(isinstance(r["val/loss"], float) and r["note"] == "" for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("mask.ratio=1.0", "mask ratio must lie in (0, 1)"),
     ("model.encoder.patch_size=5", "not divisible by patch size"),
     ("mask=nonexistent", "Could not find 'mask/nonexistent'"),
     ("data.root=/nonexistent", "MIMZOO_DATA"),
 ])
-def test_config_errors_reach_the_user(tmp_path, override, message):
-    proc = mimzoo_train("trainer.max_steps=1", "logger=csv", f"hydra.run.dir={tmp_path}", override, check=False)
+def test_config_errors_reach_the_user(tmp_path, cli, override, message):
+    proc = cli("train", *TINY, "trainer.max_steps=1", "logger=csv", f"hydra.run.dir={tmp_path}", override,
+               expect_ok=False)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
 
 
@@ -136,9 +135,10 @@ def test_slurm_launcher_and_ddp_configs_compose():
     assert cfg.trainer.strategy == "ddp"
 
 
-def test_bf16_mixed_precision_from_config(tmp_path):
-    mimzoo_train("trainer.precision=bf16-mixed", "trainer.max_steps=2", "logger=csv", "probe.knn.enabled=false",
-                 f"hydra.run.dir={tmp_path}")
+@pytest.mark.slow
+def test_bf16_mixed_precision_from_config(tmp_path, cli):
+    cli("train", *TINY, "trainer.precision=bf16-mixed", "trainer.max_steps=2", "logger=csv",
+        "probe.knn.enabled=false", f"hydra.run.dir={tmp_path}")
     ckpt = weights(tmp_path)
     assert ckpt["global_step"] == 2 and ckpt["state_dict"]["encoder.cls_token"].dtype == torch.float32
 

@@ -140,3 +140,27 @@ def test_packaged_config_composes_and_builds():
     assert isinstance(model, SimMIM) and model.grid_size == (GRID, GRID) and model.mask_strategy.cell == 2
     assert model(torch.randn(2, 3, 32, 32)).loss.isfinite()
     assert other.mask.cell == 2 and build_model(other).mask_strategy.cell == 2  # a preset any model can use
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_and_export_through_the_cli(tmp_path, cli):
+    """``mimzoo-train model=simmim``, then kNN and the timm export, with no file beyond the method's own."""
+    from conftest import TINY
+
+    run = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("model.decoder")]  # SimMIM has no decoder sizes
+    cli("train", "model=simmim", *overrides, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "logger=csv",
+        f"hydra.run.dir={run}")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["mimzoo"]["method"] == "mimzoo.methods.simmim.SimMIM" and saved["global_step"] == 2
+    assert saved["hyper_parameters"]["mask"] == {"name": "random", "ratio": 0.6, "cell": 2}
+    assert list((run / "reconstructions").glob("epoch_*.png"))
+    cli("evaluate", "protocol=knn", f"ckpt={ckpt}", "data=cifar10_mini", "data.num_workers=0", "logger=csv",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert (tmp_path / "eval" / "results.json").exists()
+    from mimzoo.checkpoints import export_encoder
+
+    kwargs = export_encoder(ckpt, tmp_path / "vit.pth")  # the export CLI's own function
+    vit = timm.create_model(**kwargs)
+    vit.load_state_dict(torch.load(tmp_path / "vit.pth"), strict=True)

@@ -271,6 +271,34 @@ def test_forward_logs_collapse_signals_and_rejects_single_tensors():
         model(torch.randn(2, 3, 32, 32))
 
 
+# --- positions for crops of another size ---------------------------------------------------------
+@pytest.mark.parametrize("size", [(24, 24), (32, 32), (24, 40), (96, 96)])
+def test_positions_for_other_crop_sizes_follow_the_official_interpolate_pos_encoding(size):
+    """A 64 px, patch-4 model (16 x 16 grid) on 24 / 32 px local crops, a non-square crop (rows and
+    columns not swapped) and a larger one: positions and tokens are the official ones, and these are
+    sizes where the official ``+ 0.1`` scale factor differs from a plain resize (timm's)."""
+    from timm.layers import resample_abs_pos_embed
+
+    from reference_ibot import interpolate_pos_encoding, vision_transformer
+
+    from mimzoo.nn import MaskTokenViT
+
+    torch.manual_seed(0)
+    vit = MaskTokenViT(img_size=64, patch_size=4, embed_dim=32, depth=2, num_heads=2).eval()
+    sd = {k.replace("mask_token", "masked_embed"): v.detach() for k, v in vit.state_dict().items()}
+    images = torch.randn(2, 3, *size)
+    grid = (size[0] // 4, size[1] // 4)
+    official = interpolate_pos_encoding(sd, torch.zeros(1, 1 + grid[0] * grid[1], 32), *size)
+    with torch.no_grad():
+        ours = vit._pos_embed(torch.zeros(1, *grid, 32))  # zero patch embeddings: the positions show
+        torch.testing.assert_close(ours[:, 1:], official[:, 1:], rtol=0, atol=0)
+        torch.testing.assert_close(ours[:, 0], sd["cls_token"][:, 0] + official[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(vit.forward_masked(images), vision_transformer(sd, images, num_heads=2),
+                                   rtol=0, atol=1e-6)
+    resized = resample_abs_pos_embed(sd["pos_embed"], grid, (16, 16), num_prefix_tokens=1, antialias=False)
+    assert (resized - official).abs().max() > 0.1 * sd["pos_embed"].std()  # the quirk matters at these sizes
+
+
 # --- export and the entry points ------------------------------------------------------------------
 def test_export_is_the_teacher_as_a_strict_timm_vit():
     model = tiny_ibot().eval()

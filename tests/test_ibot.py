@@ -222,6 +222,26 @@ def test_head_shapes_sharing_and_frozen_norm():
     assert separate.last_layer.parametrizations.weight.original0.requires_grad
 
 
+def test_teacher_head_sharing_is_its_own_flag_and_the_ema_pairs_parameters_by_name():
+    """main_ibot.py's defaults: ``--shared_head false`` (student) and ``--shared_head_teacher true``. The
+    teacher's one last layer then follows the student's ``[CLS]`` layer (the names both have), as the
+    official ``names_common`` EMA; the student's ``last_layer2`` has no teacher counterpart."""
+    model = tiny_ibot(head={**HEAD, "shared_head": False, "shared_head_teacher": True})
+    assert model.teacher_head.last_layer2 is model.teacher_head.last_layer
+    assert model.student_head.last_layer2 is not model.student_head.last_layer
+    follows = tiny_ibot(head={**HEAD, "shared_head": False}).teacher_head  # shared_head_teacher null: as the student
+    assert follows.last_layer2 is not follows.last_layer
+    with torch.no_grad():
+        for p in model.student_head.parameters():
+            p.add_(torch.randn_like(p))
+    before = state(model.teacher_head)
+    model.update_teacher(0.9)
+    student = state(model.student_head)
+    for name, after in state(model.teacher_head).items():
+        source = name.replace("last_layer2", "last_layer")  # the shared layer under its second name
+        torch.testing.assert_close(after, 0.9 * before[name] + 0.1 * student[source])
+
+
 def test_multicrop_views():
     from PIL import Image
 

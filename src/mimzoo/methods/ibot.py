@@ -38,7 +38,8 @@ def collapse_diagnosis(entropy: float, kl: float, num_prototypes: int, kl_thresh
 
 class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
     default_head: ClassVar[dict] = dict(out_dim=8192, patch_out_dim=None, hidden_dim=2048, bottleneck_dim=256,
-                                        num_layers=3, shared_head=True, norm_last_layer=False)
+                                        num_layers=3, shared_head=True, shared_head_teacher=None,
+                                        norm_last_layer=False)
 
     def __init__(
         self,
@@ -67,10 +68,13 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         if eval_backbone not in ("teacher", "student"):
             raise ValueError(f"model.eval_backbone must be 'teacher' or 'student', got {eval_backbone!r}")
         head = {**self.default_head, **(head or {})}
+        # main_ibot.py: --shared_head (student) and --shared_head_teacher (default true) are separate
+        teacher_shared = head.pop("shared_head_teacher")
+        teacher_shared = head["shared_head"] if teacher_shared is None else teacher_shared
         self.student = MaskTokenViT(**{**encoder, "drop_path_rate": drop_path_rate})
         self.teacher = MaskTokenViT(**{**encoder, "drop_path_rate": 0.0})  # iBOT: no drop-path in the teacher
         self.student_head = IBOTHead(self.student.embed_dim, **head)
-        self.teacher_head = IBOTHead(self.teacher.embed_dim, **head)
+        self.teacher_head = IBOTHead(self.teacher.embed_dim, **{**head, "shared_head": teacher_shared})
         self.pair("teacher", "student")
         self.pair("teacher_head", "student_head")
         self.register_buffer("center", torch.zeros(1, head["out_dim"]))

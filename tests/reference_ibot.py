@@ -374,14 +374,3 @@ def official_checkpoint(args, img_size, embed_dim, depth, hidden_dim, bottleneck
                         "_growth_tracker": 0},
     }
 
-
-def ibot_loss(teacher, student, center, center2, crops, masks, num_heads, temps):
-    """The total loss of one step at fixed temperatures ``(student, teacher, teacher patch)`` on
-    ``teacher`` / ``student`` state dicts (``module.`` removed); masks ``[B, h, w]``."""
-    loss = iBOTLoss(center.shape[-1], center2.shape[-1], 2, len(crops) - 2, temps[1], temps[1], temps[2], temps[2],
-                    1, 1, student_temp=temps[0])
-    loss.center, loss.center2 = center, center2
-    _, t_out = multi_crop_wrapper(teacher, crops[:2], num_heads)
-    _, s_out = multi_crop_wrapper(student, crops[:2], num_heads, mask=masks[:2], masked_im_modeling=True)
-    local = multi_crop_wrapper(student, crops[2:], num_heads)[1][0] if len(crops) > 2 else None
-    return loss(s_out, t_out, local, masks, 0)["loss"]

@@ -390,68 +390,125 @@ def test_model_ibot_composes_its_mask_optimiser_and_views():
 
 
 # --- official checkpoints and equivalence ---------------------------------------------------------
-def official_format(model):
-    """Write a mimzoo iBOT as bytedance/ibot's training checkpoint (its own key mapping, not the importer's)."""
-    def part(prefix, head_prefix):
-        out = {}
-        for k, v in model.state_dict().items():
-            if k.startswith(prefix + "."):
-                k = "backbone." + k[len(prefix) + 1:]
-                out[k.replace("mask_token", "masked_embed")] = v.reshape(-1) if k.endswith("mask_token") else v
-            elif k.startswith(head_prefix + "."):
-                k = "head." + k[len(head_prefix) + 1:]
-                out[k.replace("parametrizations.weight.original0", "weight_g")
-                     .replace("parametrizations.weight.original1", "weight_v")] = v
-        return out
-
-    return {"teacher": part("teacher", "teacher_head"),
-            "student": {f"module.{k}": v for k, v in part("student", "student_head").items()},
-            "ibot_loss": {"center": model.center.clone(), "center2": model.center_patch.clone()}, "epoch": 3}
+# Files written as bytedance/ibot writes them (reference_ibot.official_checkpoint: main_ibot.py's save_dict,
+# random weights under the official keys), checked against the official step restated from its source.
+OFFICIAL_SIZES = dict(img_size=64, embed_dim=32, depth=2, hidden_dim=32, bottleneck_dim=16)  # patch 8: 8 x 8 grid
 
 
-def perturbed(**kwargs):
-    model = tiny_ibot(**kwargs)
-    g = torch.Generator().manual_seed(7)
+def official_run_args(**kwargs):
+    from reference_ibot import official_args
+
+    return official_args(**{"arch": "vit_tiny", "patch_size": 8, "out_dim": 64, "patch_out_dim": 64,
+                            "norm_last_layer": False, "teacher_temp": 0.07, "local_crops_number": 2,
+                            "epochs": 100, **kwargs})
+
+
+def official_crops(local_size, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(batch, 3, 64, 64, generator=g) for _ in range(2)]
+    views += [torch.randn(batch, 3, local_size, local_size, generator=g) for _ in range(2)]
+    masks = [torch.rand(batch, 8, 8, generator=g) < 0.4 for _ in range(2)]  # loader.py: one [h, w] per image
+    masks[0][1] = False  # an unmasked image, as half of iBOT's are
+    masks += [torch.zeros(batch, local_size // 8, local_size // 8, dtype=torch.bool) for _ in range(2)]
+    return views, masks
+
+
+@pytest.mark.parametrize(("shared_head", "shared_head_teacher", "local_size"),
+                         [(True, True, 24), (False, True, 32), (False, False, 24)],
+                         ids=["recipe-local24", "defaults-local32", "unshared-local24"])
+def test_official_training_checkpoint_imports_and_gives_the_official_step(tmp_path, shared_head, shared_head_teacher,
+                                                                          local_size):
+    """``mimzoo-import ibot checkpoint.pth`` on a main_ibot.py training checkpoint (DDP ``module.``
+    student, teacher without ``masked_embed``, ``ibot_loss`` centres, ``args``, optimizer, fp16 scaler):
+    on the same crops (24 or 32 px local crops on a 64 px model) and masks, the loss and its [CLS] and
+    patch parts, the student's tokens and the updated centres are the official ones to 1e-6."""
+    from reference_ibot import official_checkpoint, train_step
+
+    from mimzoo.checkpoints import import_main, load_pretrained
+
+    args = official_run_args(shared_head=shared_head, shared_head_teacher=shared_head_teacher,
+                             patch_out_dim=64 if shared_head_teacher else 48)
+    ckpt = official_checkpoint(args, **OFFICIAL_SIZES, epoch=40)
+    assert "masked_embed" not in str(list(ckpt["teacher"])) and "module.backbone.masked_embed" in ckpt["student"]
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    import_main(["ibot", str(tmp_path / "checkpoint.pth"), str(tmp_path / "ibot.ckpt"), "encoder.num_heads=2"])
+    model = load_pretrained(tmp_path / "ibot.ckpt")
+    h = model.hparams
+    assert (h.head["shared_head"], h.head["shared_head_teacher"]) == (shared_head, shared_head_teacher)
+    assert (h.teacher_temp, h.teacher_patch_temp, h.momentum, h.views["local_number"]) == (0.07, 0.07, 0.996, 2)
+
+    views, masks = official_crops(local_size)
+    epoch = 40  # past the 30 warm-up epochs: the final temperatures, which ours uses outside a trainer
+    official, student_global, student_local, official_loss = train_step(ckpt, views, masks, epoch, num_heads=2)
+    model.train()
+    model.student.drop_path_rate = 0.0
+    for block in model.student.blocks:  # the official step with drop-path off, to compare one forward
+        block.drop_path1 = block.drop_path2 = torch.nn.Identity()
+    out = model(views, [m.flatten(1) for m in masks[:2]])
+    for ours, theirs in ((out.loss, official["loss"]), (out.logs["loss_cls"], official["cls"]),
+                         (out.logs["loss_mim"], official["patch"]), (model.center, official_loss.center),
+                         (model.center_patch, official_loss.center2)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        for p in list(model.parameters()) + [model.center, model.center_patch]:
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+        torch.testing.assert_close(model.student.forward_masked(torch.cat(views[:2]), torch.cat(masks[:2]).flatten(1)),
+                                   student_global, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.student.forward_masked(torch.cat(views[2:])), student_local,
+                                   rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("shared_head", [True, False])
-def test_official_checkpoint_imports_and_gives_the_official_loss(tmp_path, shared_head):
-    from reference_ibot import ibot_loss
+def test_official_checkpoint_weights_land_on_our_names(tmp_path):
+    """Every official tensor lands where the importer says: backbones (``masked_embed`` -> student's
+    ``mask_token``; the teacher, which has none, gets the student's), heads (``weight_g``/``weight_v``),
+    centres (``center2`` -> ``center_patch``)."""
+    from reference_ibot import official_checkpoint
 
     from mimzoo.checkpoints import load_official
 
-    model = perturbed(head={**HEAD, "shared_head": shared_head})
-    official = official_format(model)
-    torch.save(official, tmp_path / "checkpoint.pth")
-    imported = load_official("ibot", tmp_path / "checkpoint.pth", encoder={"num_heads": 2})
-    assert imported.hparams.head["shared_head"] is shared_head
-    for k, v in model.state_dict().items():
-        assert torch.equal(imported.state_dict()[k], v), k
-    views, masks = crops(local=2), fixed_masks()
-    ours = imported(views, masks).loss
-    ref = ibot_loss(official["teacher"], {k[len("module."):]: v for k, v in official["student"].items()},
-                    official["ibot_loss"]["center"], official["ibot_loss"]["center2"], views,
-                    [m.view(4, 8, 8) for m in masks], num_heads=2, temps=(0.1, 0.07, 0.07))
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    ckpt = official_checkpoint(official_run_args(shared_head=False), **OFFICIAL_SIZES)
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    ours = load_official("ibot", tmp_path / "checkpoint.pth", encoder={"num_heads": 2}).state_dict()
+    student = {k[len("module."):]: v for k, v in ckpt["student"].items()}
+    for name, part in (("student", student), ("teacher", ckpt["teacher"])):
+        for k, v in part.items():
+            k = (k.replace("backbone.", f"{name}.").replace("head.", f"{name}_head.")
+                 .replace("masked_embed", "mask_token").replace("weight_g", "parametrizations.weight.original0")
+                 .replace("weight_v", "parametrizations.weight.original1"))
+            assert torch.equal(ours[k].reshape(v.shape), v), k
+    assert torch.equal(ours["teacher.mask_token"], ours["student.mask_token"])
+    assert torch.equal(ours["center"], ckpt["ibot_loss"]["center"])
+    assert torch.equal(ours["center_patch"], ckpt["ibot_loss"]["center2"])
 
 
-def test_official_backbone_release_imports_both_backbones(tmp_path):
+@pytest.mark.parametrize("release", ["checkpoint_teacher", "extracted_student"])
+def test_official_backbone_release_imports_both_backbones(tmp_path, release):
+    """The released ``checkpoint_teacher.pth`` (``{"state_dict": teacher backbone}``, no ``masked_embed``)
+    and ``extract_backbone_weights.py --checkpoint_key student`` output (bare, with ``masked_embed``):
+    both backbones are the file's, tokens the official ones on global and 24 px crops."""
+    from reference_ibot import official_checkpoint, vision_transformer
+
     from mimzoo.checkpoints import load_official
 
-    model = perturbed()
-    backbone = {k[len("backbone."):]: v for k, v in official_format(model)["teacher"].items()
-                if k.startswith("backbone.")}
-    torch.save({"state_dict": backbone}, tmp_path / "checkpoint_teacher.pth")
+    ckpt = official_checkpoint(official_run_args(), **OFFICIAL_SIZES)
+    if release == "checkpoint_teacher":
+        backbone = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
+        saved = {"state_dict": backbone}
+    else:
+        backbone = {k[len("module.backbone."):]: v for k, v in ckpt["student"].items()
+                    if k.startswith("module.backbone")}
+        saved = backbone
+    torch.save(saved, tmp_path / f"{release}.pth")
     with pytest.warns(UserWarning, match="backbone only"):
-        imported = load_official("ibot", tmp_path / "checkpoint_teacher.pth", encoder={"num_heads": 2},
-                                 head=HEAD)
-    images = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(imported.features(images), model.features(images))
-    torch.testing.assert_close(imported.student.forward_masked(images), model.teacher.forward_masked(images))
+        model = load_official("ibot", tmp_path / f"{release}.pth", encoder={"num_heads": 2}, head=HEAD)
+    expected_mask_token = backbone.get("masked_embed", torch.zeros(1, 32))  # the official initial value
+    for vit in (model.student, model.teacher):
+        assert torch.equal(vit.mask_token.reshape(1, 32), expected_mask_token)
+    with torch.no_grad():
+        for size in (64, 24):
+            images = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(model.teacher.forward_masked(images), vision_transformer(backbone, images, 2),
+                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(model.student.forward_masked(images), vision_transformer(backbone, images, 2),
+                                       rtol=0, atol=1e-6)
     del backbone["blocks.1.mlp.fc2.weight"]
     torch.save(backbone, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="missing keys"):

@@ -171,22 +171,55 @@ def test_constant_teacher_output_gives_the_uniform_target_after_centring():
     torch.testing.assert_close(fresh.center, 0.1 * constant[:1])
 
 
-def test_sharpening_and_teacher_temperature_warm_up():
+class Temps(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(pl_module.teacher_temps())
+
+
+def test_sharpening_and_per_step_teacher_temperature_warm_up():
     logits = torch.randn(4, 64)
     entropy = lambda t: -(F.softmax(logits / t, -1) * F.log_softmax(logits / t, -1)).sum(-1).mean()  # noqa: E731
     assert entropy(0.04) < entropy(0.07) < entropy(0.1)
-    model = tiny_ibot(warmup_teacher_temp_epochs=2, teacher_temp=0.07, teacher_patch_temp=0.05)
+    model = tiny_ibot(warmup_teacher_temp_epochs=2, teacher_temp=0.07, teacher_patch_temp=0.05,
+                      warmup_teacher_patch_temp=0.03, teacher_temp_schedule="per_step")
     assert model.teacher_temps() == (0.07, 0.05)  # outside a trainer: the final values
+    temps = Temps()
+    fit_tiny(model, steps=-1, max_epochs=4, limit_train_batches=2, callbacks=[temps])  # warm-up: 4 of 8 steps
+    assert [t for t, _ in temps.seen] == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07, 0.07, 0.07])
+    assert [t for _, t in temps.seen] == pytest.approx([0.03, 0.035, 0.04, 0.045, 0.05, 0.05, 0.05, 0.05])
 
-    class Temps(L.Callback):
-        seen = []
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.seen.append(pl_module.teacher_temps())
+@pytest.mark.parametrize("warmup_epochs", [30, 1, 0])
+def test_official_teacher_temperature_schedule_is_main_ibot_s(warmup_epochs):
+    """``teacher_temp_schedule=official`` (model=ibot's default) is iBOTLoss's per-epoch arrays, for the
+    [CLS] and the patch temperature with its own warm-up start: 0.0503 at epoch 10 of a 30-epoch warm-up
+    (per_step: 0.0500), the final value at epoch W-1; W=1 keeps the warm value for epoch 0."""
+    from reference_ibot import iBOTLoss
 
-    fit_tiny(model, steps=-1, max_epochs=4, limit_train_batches=2, callbacks=[Temps()])  # warm-up: 4 of 8 steps
-    assert [t for t, _ in Temps.seen] == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07, 0.07, 0.07])
-    assert Temps.seen[2][1] == pytest.approx(0.045)
+    official = iBOTLoss(64, 64, 2, 0, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp2=0.03,
+                        teacher_temp2=0.06, warmup_teacher_temp_epochs=warmup_epochs, nepochs=100)
+    model = tiny_ibot(teacher_temp=0.07, teacher_patch_temp=0.06, warmup_teacher_temp=0.04,
+                      warmup_teacher_patch_temp=0.03, warmup_teacher_temp_epochs=warmup_epochs)
+    assert model.hparams.teacher_temp_schedule == "official"
+    ours = [model.teacher_temps(epoch=e) for e in range(100)]
+    assert [t for t, _ in ours] == official.teacher_temp_schedule.tolist()
+    assert [t for _, t in ours] == official.teacher_temp2_schedule.tolist()
+    if warmup_epochs == 30:
+        assert ours[10][0] == pytest.approx(0.0503448, abs=1e-7) and ours[29][0] == 0.07
+        per_step = tiny_ibot(teacher_temp=0.07, warmup_teacher_temp=0.04, teacher_temp_schedule="per_step")
+        assert per_step.teacher_temps(epoch=10)[0] == pytest.approx(0.05) and per_step.teacher_temps(29)[0] < 0.07
+    with pytest.raises(ValueError, match="whole epochs"):
+        tiny_ibot(warmup_teacher_temp_epochs=2.5)
+
+
+def test_official_teacher_temperature_is_constant_within_an_epoch_in_training():
+    model = tiny_ibot(warmup_teacher_temp_epochs=3, teacher_temp=0.07, teacher_patch_temp=0.07)
+    temps = Temps()
+    fit_tiny(model, steps=-1, max_epochs=4, limit_train_batches=2, callbacks=[temps])
+    assert [t for t, _ in temps.seen] == pytest.approx([0.04, 0.04, 0.055, 0.055, 0.07, 0.07, 0.07, 0.07])
 
 
 def test_ibot_mask_rule():
@@ -381,6 +414,7 @@ def test_model_ibot_composes_its_mask_optimiser_and_views():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[*TINY_IBOT, "model.views.local_number=3"])
     assert cfg.mask.name == "ibot" and cfg.optim.weight_decay_end == 0.4 and cfg.optim.blr == 5e-4
+    assert cfg.model.teacher_temp_schedule == "official" and cfg.model.head.shared_head_teacher is True
     model = build_model(cfg)
     dm = build_datamodule(cfg, model)
     dm.setup("fit")
@@ -435,7 +469,8 @@ def test_official_training_checkpoint_imports_and_gives_the_official_step(tmp_pa
     model = load_pretrained(tmp_path / "ibot.ckpt")
     h = model.hparams
     assert (h.head["shared_head"], h.head["shared_head_teacher"]) == (shared_head, shared_head_teacher)
-    assert (h.teacher_temp, h.teacher_patch_temp, h.momentum, h.views["local_number"]) == (0.07, 0.07, 0.996, 2)
+    assert (h.teacher_temp, h.teacher_patch_temp, h.warmup_teacher_patch_temp, h.momentum) == (0.07, 0.07, 0.04, 0.996)
+    assert h.views["local_number"] == 2 and h.teacher_temp_schedule == "official"
 
     views, masks = official_crops(local_size)
     epoch = 40  # past the 30 warm-up epochs: the final temperatures, which ours uses outside a trainer

@@ -69,6 +69,7 @@ def _head(sd: dict) -> dict:
 # main_ibot.py argument -> our iBOT argument (student_temp 0.1 and the centre momentum 0.9 are fixed there)
 _FROM_ARGS = (("teacher_temp", "teacher_temp"), ("teacher_patch_temp", "teacher_patch_temp"),
               ("warmup_teacher_temp", "warmup_teacher_temp"),
+              ("warmup_teacher_patch_temp", "warmup_teacher_patch_temp"),
               ("warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs"), ("lambda1", "lambda_cls"),
               ("lambda2", "lambda_mim"), ("momentum_teacher", "momentum"), ("drop_path", "drop_path_rate"),
               ("clip_grad", "clip_grad"), ("freeze_last_layer", "freeze_last_layer_epochs"))

@@ -168,22 +168,55 @@ def test_constant_teacher_output_gives_the_uniform_target_after_centring():
     torch.testing.assert_close(fresh.center, 0.1 * constant[:1])
 
 
-def test_sharpening_and_teacher_temperature_warm_up():
+class Temps(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(pl_module.teacher_temps())
+
+
+def test_sharpening_and_per_step_teacher_temperature_warm_up():
     logits = torch.randn(4, 64)
     entropy = lambda t: -(F.softmax(logits / t, -1) * F.log_softmax(logits / t, -1)).sum(-1).mean()  # noqa: E731
     assert entropy(0.04) < entropy(0.07) < entropy(0.1)
-    model = tiny_ibot(warmup_teacher_temp_epochs=2, teacher_temp=0.07, teacher_patch_temp=0.05)
+    model = tiny_ibot(warmup_teacher_temp_epochs=2, teacher_temp=0.07, teacher_patch_temp=0.05,
+                      warmup_teacher_patch_temp=0.03, teacher_temp_schedule="per_step")
     assert model.teacher_temps() == (0.07, 0.05)  # outside a trainer: the final values
+    temps = Temps()
+    fit_tiny(model, steps=-1, max_epochs=4, limit_train_batches=2, callbacks=[temps])  # warm-up: 4 of 8 steps
+    assert [t for t, _ in temps.seen] == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07, 0.07, 0.07])
+    assert [t for _, t in temps.seen] == pytest.approx([0.03, 0.035, 0.04, 0.045, 0.05, 0.05, 0.05, 0.05])
 
-    class Temps(L.Callback):
-        seen = []
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.seen.append(pl_module.teacher_temps())
+@pytest.mark.parametrize("warmup_epochs", [30, 1, 0])
+def test_official_teacher_temperature_schedule_is_main_ibot_s(warmup_epochs):
+    """``teacher_temp_schedule=official`` (model=ibot's default) is iBOTLoss's per-epoch arrays, for the
+    [CLS] and the patch temperature with its own warm-up start: 0.0503 at epoch 10 of a 30-epoch warm-up
+    (per_step: 0.0500), the final value at epoch W-1; W=1 keeps the warm value for epoch 0."""
+    from reference_ibot import iBOTLoss
 
-    fit_tiny(model, steps=-1, max_epochs=4, limit_train_batches=2, callbacks=[Temps()])  # warm-up: 4 of 8 steps
-    assert [t for t, _ in Temps.seen] == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07, 0.07, 0.07])
-    assert Temps.seen[2][1] == pytest.approx(0.045)
+    official = iBOTLoss(64, 64, 2, 0, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp2=0.03,
+                        teacher_temp2=0.06, warmup_teacher_temp_epochs=warmup_epochs, nepochs=100)
+    model = tiny_ibot(teacher_temp=0.07, teacher_patch_temp=0.06, warmup_teacher_temp=0.04,
+                      warmup_teacher_patch_temp=0.03, warmup_teacher_temp_epochs=warmup_epochs)
+    assert model.hparams.teacher_temp_schedule == "official"
+    ours = [model.teacher_temps(epoch=e) for e in range(100)]
+    assert [t for t, _ in ours] == official.teacher_temp_schedule.tolist()
+    assert [t for _, t in ours] == official.teacher_temp2_schedule.tolist()
+    if warmup_epochs == 30:
+        assert ours[10][0] == pytest.approx(0.0503448, abs=1e-7) and ours[29][0] == 0.07
+        per_step = tiny_ibot(teacher_temp=0.07, warmup_teacher_temp=0.04, teacher_temp_schedule="per_step")
+        assert per_step.teacher_temps(epoch=10)[0] == pytest.approx(0.05) and per_step.teacher_temps(29)[0] < 0.07
+    with pytest.raises(ValueError, match="whole epochs"):
+        tiny_ibot(warmup_teacher_temp_epochs=2.5)
+
+
+def test_official_teacher_temperature_is_constant_within_an_epoch_in_training():
+    model = tiny_ibot(warmup_teacher_temp_epochs=3, teacher_temp=0.07, teacher_patch_temp=0.07)
+    temps = Temps()
+    fit_tiny(model, steps=-1, max_epochs=4, limit_train_batches=2, callbacks=[temps])
+    assert [t for t, _ in temps.seen] == pytest.approx([0.04, 0.04, 0.055, 0.055, 0.07, 0.07, 0.07, 0.07])
 
 
 def test_ibot_mask_rule():
@@ -217,6 +250,26 @@ def test_head_shapes_sharing_and_frozen_norm():
     cls, patch = separate(torch.randn(2, 5, 32))
     assert patch.shape == (2, 4, 48) and separate.last_layer2 is not separate.last_layer
     assert separate.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_teacher_head_sharing_is_its_own_flag_and_the_ema_pairs_parameters_by_name():
+    """main_ibot.py's defaults: ``--shared_head false`` (student) and ``--shared_head_teacher true``. The
+    teacher's one last layer then follows the student's ``[CLS]`` layer (the names both have), as the
+    official ``names_common`` EMA; the student's ``last_layer2`` has no teacher counterpart."""
+    model = tiny_ibot(head={**HEAD, "shared_head": False, "shared_head_teacher": True})
+    assert model.teacher_head.last_layer2 is model.teacher_head.last_layer
+    assert model.student_head.last_layer2 is not model.student_head.last_layer
+    follows = tiny_ibot(head={**HEAD, "shared_head": False}).teacher_head  # shared_head_teacher null: as the student
+    assert follows.last_layer2 is not follows.last_layer
+    with torch.no_grad():
+        for p in model.student_head.parameters():
+            p.add_(torch.randn_like(p))
+    before = state(model.teacher_head)
+    model.update_teacher(0.9)
+    student = state(model.student_head)
+    for name, after in state(model.teacher_head).items():
+        source = name.replace("last_layer2", "last_layer")  # the shared layer under its second name
+        torch.testing.assert_close(after, 0.9 * before[name] + 0.1 * student[source])
 
 
 def test_multicrop_views():
@@ -266,6 +319,34 @@ def test_forward_logs_collapse_signals_and_rejects_single_tensors():
     assert out.logs["teacher_student_kl"] >= 0 and 0 < out.logs["teacher_entropy"] <= math.log(64)
     with pytest.raises(ValueError, match="list of views"):
         model(torch.randn(2, 3, 32, 32))
+
+
+# --- positions for crops of another size ---------------------------------------------------------
+@pytest.mark.parametrize("size", [(24, 24), (32, 32), (24, 40), (96, 96)])
+def test_positions_for_other_crop_sizes_follow_the_official_interpolate_pos_encoding(size):
+    """A 64 px, patch-4 model (16 x 16 grid) on 24 / 32 px local crops, a non-square crop (rows and
+    columns not swapped) and a larger one: positions and tokens are the official ones, and these are
+    sizes where the official ``+ 0.1`` scale factor differs from a plain resize (timm's)."""
+    from timm.layers import resample_abs_pos_embed
+
+    from reference_ibot import interpolate_pos_encoding, vision_transformer
+
+    from mimzoo.nn import MaskTokenViT
+
+    torch.manual_seed(0)
+    vit = MaskTokenViT(img_size=64, patch_size=4, embed_dim=32, depth=2, num_heads=2).eval()
+    sd = {k.replace("mask_token", "masked_embed"): v.detach() for k, v in vit.state_dict().items()}
+    images = torch.randn(2, 3, *size)
+    grid = (size[0] // 4, size[1] // 4)
+    official = interpolate_pos_encoding(sd, torch.zeros(1, 1 + grid[0] * grid[1], 32), *size)
+    with torch.no_grad():
+        ours = vit._pos_embed(torch.zeros(1, *grid, 32))  # zero patch embeddings: the positions show
+        torch.testing.assert_close(ours[:, 1:], official[:, 1:], rtol=0, atol=0)
+        torch.testing.assert_close(ours[:, 0], sd["cls_token"][:, 0] + official[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(vit.forward_masked(images), vision_transformer(sd, images, num_heads=2),
+                                   rtol=0, atol=1e-6)
+    resized = resample_abs_pos_embed(sd["pos_embed"], grid, (16, 16), num_prefix_tokens=1, antialias=False)
+    assert (resized - official).abs().max() > 0.1 * sd["pos_embed"].std()  # the quirk matters at these sizes
 
 
 # --- export and the entry points ------------------------------------------------------------------
@@ -320,6 +401,7 @@ def test_model_ibot_composes_its_mask_optimiser_and_views():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[*TINY_IBOT, "model.views.local_number=3"])
     assert cfg.mask.name == "ibot" and cfg.optim.weight_decay_end == 0.4 and cfg.optim.blr == 5e-4
+    assert cfg.model.teacher_temp_schedule == "official" and cfg.model.head.shared_head_teacher is True
     model = build_model(cfg)
     dm = build_datamodule(cfg, model)
     dm.setup("fit")
@@ -329,68 +411,126 @@ def test_model_ibot_composes_its_mask_optimiser_and_views():
 
 
 # --- official checkpoints and equivalence ---------------------------------------------------------
-def official_format(model):
-    """Write a mimzoo iBOT as bytedance/ibot's training checkpoint (its own key mapping, not the importer's)."""
-    def part(prefix, head_prefix):
-        out = {}
-        for k, v in model.state_dict().items():
-            if k.startswith(prefix + "."):
-                k = "backbone." + k[len(prefix) + 1:]
-                out[k.replace("mask_token", "masked_embed")] = v.reshape(-1) if k.endswith("mask_token") else v
-            elif k.startswith(head_prefix + "."):
-                k = "head." + k[len(head_prefix) + 1:]
-                out[k.replace("parametrizations.weight.original0", "weight_g")
-                     .replace("parametrizations.weight.original1", "weight_v")] = v
-        return out
-
-    return {"teacher": part("teacher", "teacher_head"),
-            "student": {f"module.{k}": v for k, v in part("student", "student_head").items()},
-            "ibot_loss": {"center": model.center.clone(), "center2": model.center_patch.clone()}, "epoch": 3}
+# Files written as bytedance/ibot writes them (reference_ibot.official_checkpoint: main_ibot.py's save_dict,
+# random weights under the official keys), checked against the official step restated from its source.
+OFFICIAL_SIZES = dict(img_size=64, embed_dim=32, depth=2, hidden_dim=32, bottleneck_dim=16)  # patch 8: 8 x 8 grid
 
 
-def perturbed(**kwargs):
-    model = tiny_ibot(**kwargs)
-    g = torch.Generator().manual_seed(7)
+def official_run_args(**kwargs):
+    from reference_ibot import official_args
+
+    return official_args(**{"arch": "vit_tiny", "patch_size": 8, "out_dim": 64, "patch_out_dim": 64,
+                            "norm_last_layer": False, "teacher_temp": 0.07, "local_crops_number": 2,
+                            "epochs": 100, **kwargs})
+
+
+def official_crops(local_size, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(batch, 3, 64, 64, generator=g) for _ in range(2)]
+    views += [torch.randn(batch, 3, local_size, local_size, generator=g) for _ in range(2)]
+    masks = [torch.rand(batch, 8, 8, generator=g) < 0.4 for _ in range(2)]  # loader.py: one [h, w] per image
+    masks[0][1] = False  # an unmasked image, as half of iBOT's are
+    masks += [torch.zeros(batch, local_size // 8, local_size // 8, dtype=torch.bool) for _ in range(2)]
+    return views, masks
+
+
+@pytest.mark.parametrize(("shared_head", "shared_head_teacher", "local_size"),
+                         [(True, True, 24), (False, True, 32), (False, False, 24)],
+                         ids=["recipe-local24", "defaults-local32", "unshared-local24"])
+def test_official_training_checkpoint_imports_and_gives_the_official_step(tmp_path, shared_head, shared_head_teacher,
+                                                                          local_size):
+    """``mimzoo-import ibot checkpoint.pth`` on a main_ibot.py training checkpoint (DDP ``module.``
+    student, teacher without ``masked_embed``, ``ibot_loss`` centres, ``args``, optimizer, fp16 scaler):
+    on the same crops (24 or 32 px local crops on a 64 px model) and masks, the loss and its [CLS] and
+    patch parts, the student's tokens and the updated centres are the official ones to 1e-6."""
+    from reference_ibot import official_checkpoint, train_step
+
+    from mimzoo.checkpoints import import_main, load_pretrained
+
+    args = official_run_args(shared_head=shared_head, shared_head_teacher=shared_head_teacher,
+                             patch_out_dim=64 if shared_head_teacher else 48)
+    ckpt = official_checkpoint(args, **OFFICIAL_SIZES, epoch=40)
+    assert "masked_embed" not in str(list(ckpt["teacher"])) and "module.backbone.masked_embed" in ckpt["student"]
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    import_main(["ibot", str(tmp_path / "checkpoint.pth"), str(tmp_path / "ibot.ckpt"), "encoder.num_heads=2"])
+    model = load_pretrained(tmp_path / "ibot.ckpt")
+    h = model.hparams
+    assert (h.head["shared_head"], h.head["shared_head_teacher"]) == (shared_head, shared_head_teacher)
+    assert (h.teacher_temp, h.teacher_patch_temp, h.warmup_teacher_patch_temp, h.momentum) == (0.07, 0.07, 0.04, 0.996)
+    assert h.views["local_number"] == 2 and h.teacher_temp_schedule == "official"
+
+    views, masks = official_crops(local_size)
+    epoch = 40  # past the 30 warm-up epochs: the final temperatures, which ours uses outside a trainer
+    official, student_global, student_local, official_loss = train_step(ckpt, views, masks, epoch, num_heads=2)
+    model.train()
+    model.student.drop_path_rate = 0.0
+    for block in model.student.blocks:  # the official step with drop-path off, to compare one forward
+        block.drop_path1 = block.drop_path2 = torch.nn.Identity()
+    out = model(views, [m.flatten(1) for m in masks[:2]])
+    for ours, theirs in ((out.loss, official["loss"]), (out.logs["loss_cls"], official["cls"]),
+                         (out.logs["loss_mim"], official["patch"]), (model.center, official_loss.center),
+                         (model.center_patch, official_loss.center2)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        for p in list(model.parameters()) + [model.center, model.center_patch]:
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+        torch.testing.assert_close(model.student.forward_masked(torch.cat(views[:2]), torch.cat(masks[:2]).flatten(1)),
+                                   student_global, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.student.forward_masked(torch.cat(views[2:])), student_local,
+                                   rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("shared_head", [True, False])
-def test_official_checkpoint_imports_and_gives_the_official_loss(tmp_path, shared_head):
-    from reference_ibot import ibot_loss
+def test_official_checkpoint_weights_land_on_our_names(tmp_path):
+    """Every official tensor lands where the importer says: backbones (``masked_embed`` -> student's
+    ``mask_token``; the teacher, which has none, gets the student's), heads (``weight_g``/``weight_v``),
+    centres (``center2`` -> ``center_patch``)."""
+    from reference_ibot import official_checkpoint
 
     from mimzoo.checkpoints import load_official
 
-    model = perturbed(head={**HEAD, "shared_head": shared_head})
-    official = official_format(model)
-    torch.save(official, tmp_path / "checkpoint.pth")
-    imported = load_official("ibot", tmp_path / "checkpoint.pth", encoder={"num_heads": 2})
-    assert imported.hparams.head["shared_head"] is shared_head
-    for k, v in model.state_dict().items():
-        assert torch.equal(imported.state_dict()[k], v), k
-    views, masks = crops(local=2), fixed_masks()
-    ours = imported(views, masks).loss
-    ref = ibot_loss(official["teacher"], {k[len("module."):]: v for k, v in official["student"].items()},
-                    official["ibot_loss"]["center"], official["ibot_loss"]["center2"], views,
-                    [m.view(4, 8, 8) for m in masks], num_heads=2, temps=(0.1, 0.07, 0.07))
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    ckpt = official_checkpoint(official_run_args(shared_head=False), **OFFICIAL_SIZES)
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    ours = load_official("ibot", tmp_path / "checkpoint.pth", encoder={"num_heads": 2}).state_dict()
+    student = {k[len("module."):]: v for k, v in ckpt["student"].items()}
+    for name, part in (("student", student), ("teacher", ckpt["teacher"])):
+        for k, v in part.items():
+            k = (k.replace("backbone.", f"{name}.").replace("head.", f"{name}_head.")
+                 .replace("masked_embed", "mask_token").replace("weight_g", "parametrizations.weight.original0")
+                 .replace("weight_v", "parametrizations.weight.original1"))
+            assert torch.equal(ours[k].reshape(v.shape), v), k
+    assert torch.equal(ours["teacher.mask_token"], ours["student.mask_token"])
+    assert torch.equal(ours["center"], ckpt["ibot_loss"]["center"])
+    assert torch.equal(ours["center_patch"], ckpt["ibot_loss"]["center2"])
 
 
-def test_official_backbone_release_imports_both_backbones(tmp_path):
+@pytest.mark.parametrize("release", ["checkpoint_teacher", "extracted_student"])
+def test_official_backbone_release_imports_both_backbones(tmp_path, release):
+    """The released ``checkpoint_teacher.pth`` (``{"state_dict": teacher backbone}``, no ``masked_embed``)
+    and ``extract_backbone_weights.py --checkpoint_key student`` output (bare, with ``masked_embed``):
+    both backbones are the file's, tokens the official ones on global and 24 px crops."""
+    from reference_ibot import official_checkpoint, vision_transformer
+
     from mimzoo.checkpoints import load_official
 
-    model = perturbed()
-    backbone = {k[len("backbone."):]: v for k, v in official_format(model)["teacher"].items()
-                if k.startswith("backbone.")}
-    torch.save({"state_dict": backbone}, tmp_path / "checkpoint_teacher.pth")
+    ckpt = official_checkpoint(official_run_args(), **OFFICIAL_SIZES)
+    if release == "checkpoint_teacher":
+        backbone = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
+        saved = {"state_dict": backbone}
+    else:
+        backbone = {k[len("module.backbone."):]: v for k, v in ckpt["student"].items()
+                    if k.startswith("module.backbone")}
+        saved = backbone
+    torch.save(saved, tmp_path / f"{release}.pth")
     with pytest.warns(UserWarning, match="backbone only"):
-        imported = load_official("ibot", tmp_path / "checkpoint_teacher.pth", encoder={"num_heads": 2},
-                                 head=HEAD)
-    images = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(imported.features(images), model.features(images))
-    torch.testing.assert_close(imported.student.forward_masked(images), model.teacher.forward_masked(images))
+        model = load_official("ibot", tmp_path / f"{release}.pth", encoder={"num_heads": 2}, head=HEAD)
+    expected_mask_token = backbone.get("masked_embed", torch.zeros(1, 32))  # the official initial value
+    for vit in (model.student, model.teacher):
+        assert torch.equal(vit.mask_token.reshape(1, 32), expected_mask_token)
+    with torch.no_grad():
+        for size in (64, 24):
+            images = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(model.teacher.forward_masked(images), vision_transformer(backbone, images, 2),
+                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(model.student.forward_masked(images), vision_transformer(backbone, images, 2),
+                                       rtol=0, atol=1e-6)
     del backbone["blocks.1.mlp.fc2.weight"]
     torch.save(backbone, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="missing keys"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -36,9 +37,16 @@ def collapse_diagnosis(entropy: float, kl: float, num_prototypes: int, kl_thresh
             "(model.center_momentum), the teacher temperature (model.teacher_temp) and the learning rate")
 
 
+def official_teacher_temp(epoch: int, warm: float, final: float, warmup_epochs: int) -> float:
+    """main_ibot.py's ``iBOTLoss.teacher_temp_schedule[epoch]``: ``np.concatenate((np.linspace(warm,
+    final, W), np.ones(epochs - W) * final))`` (``teacher_temp2_schedule`` alike, without ``mim_start_epoch``)."""
+    return float(np.linspace(warm, final, warmup_epochs)[epoch]) if epoch < warmup_epochs else float(final)
+
+
 class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
     default_head: ClassVar[dict] = dict(out_dim=8192, patch_out_dim=None, hidden_dim=2048, bottleneck_dim=256,
-                                        num_layers=3, shared_head=True, norm_last_layer=False)
+                                        num_layers=3, shared_head=True, shared_head_teacher=None,
+                                        norm_last_layer=False)
 
     def __init__(
         self,
@@ -52,7 +60,9 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         teacher_temp: float = 0.07,
         teacher_patch_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
+        warmup_teacher_patch_temp: float | None = None,
         warmup_teacher_temp_epochs: float = 30,
+        teacher_temp_schedule: str = "official",
         center_momentum: float = 0.9,
         momentum: float = 0.996,
         momentum_end: float = 1.0,
@@ -66,11 +76,20 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         self.save_hyperparameters()
         if eval_backbone not in ("teacher", "student"):
             raise ValueError(f"model.eval_backbone must be 'teacher' or 'student', got {eval_backbone!r}")
+        if teacher_temp_schedule not in ("official", "per_step"):
+            raise ValueError("model.teacher_temp_schedule must be 'official' or 'per_step', "
+                             f"got {teacher_temp_schedule!r}")
+        if teacher_temp_schedule == "official" and warmup_teacher_temp_epochs != int(warmup_teacher_temp_epochs):
+            raise ValueError("model.teacher_temp_schedule=official warms up over whole epochs; got "
+                             f"model.warmup_teacher_temp_epochs={warmup_teacher_temp_epochs} (or use per_step)")
         head = {**self.default_head, **(head or {})}
+        # main_ibot.py: --shared_head (student) and --shared_head_teacher (default true) are separate
+        teacher_shared = head.pop("shared_head_teacher")
+        teacher_shared = head["shared_head"] if teacher_shared is None else teacher_shared
         self.student = MaskTokenViT(**{**encoder, "drop_path_rate": drop_path_rate})
         self.teacher = MaskTokenViT(**{**encoder, "drop_path_rate": 0.0})  # iBOT: no drop-path in the teacher
         self.student_head = IBOTHead(self.student.embed_dim, **head)
-        self.teacher_head = IBOTHead(self.teacher.embed_dim, **head)
+        self.teacher_head = IBOTHead(self.teacher.embed_dim, **{**head, "shared_head": teacher_shared})
         self.pair("teacher", "student")
         self.pair("teacher_head", "student_head")
         self.register_buffer("center", torch.zeros(1, head["out_dim"]))
@@ -101,15 +120,28 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         return self.teacher if self.hparams.eval_backbone == "teacher" else self.student
 
     # --- schedules ----------------------------------------------------------------------------------
-    def teacher_temps(self) -> tuple[float, float]:
-        """``(tau_cls, tau_patch)``: linear warm-up from ``warmup_teacher_temp`` over
-        ``warmup_teacher_temp_epochs``, per step; the final values outside a trainer."""
+    def teacher_temps(self, epoch: int | None = None) -> tuple[float, float]:
+        """``(tau_cls, tau_patch)``, warmed up from ``warmup_teacher_temp`` / ``warmup_teacher_patch_temp``
+        (null: the former) over ``warmup_teacher_temp_epochs`` = W; at ``epoch``, else at the trainer's
+        current epoch / step, else (outside a trainer) the final values.
+
+        ``official`` (main_ibot.py's ``iBOTLoss``): one value per epoch, ``np.linspace(warm, final, W)``
+        for epochs 0..W-1, so the final value is reached at epoch W-1. ``per_step``: linear in the
+        global step, the final value at epoch W."""
         h = self.hparams
+        warm_patch = h.warmup_teacher_temp if h.warmup_teacher_patch_temp is None else h.warmup_teacher_patch_temp
+        ramps = ((h.warmup_teacher_temp, h.teacher_temp), (warm_patch, h.teacher_patch_temp))
+        if epoch is None and self._trainer is None:
+            return h.teacher_temp, h.teacher_patch_temp
+        if h.teacher_temp_schedule == "official":
+            epoch = self.current_epoch if epoch is None else epoch
+            return tuple(official_teacher_temp(epoch, warm, final, int(h.warmup_teacher_temp_epochs))
+                         for warm, final in ramps)
         frac = 1.0
-        if self._trainer is not None and h.warmup_teacher_temp_epochs > 0:
-            frac = min(self.global_step / (h.warmup_teacher_temp_epochs * steps_per_epoch(self.trainer)), 1.0)
-        start = h.warmup_teacher_temp
-        return start + frac * (h.teacher_temp - start), start + frac * (h.teacher_patch_temp - start)
+        if h.warmup_teacher_temp_epochs > 0:
+            done = epoch if epoch is not None else self.global_step / steps_per_epoch(self.trainer)
+            frac = min(done / h.warmup_teacher_temp_epochs, 1.0)
+        return tuple(warm + frac * (final - warm) for warm, final in ramps)
 
     # --- forward and loss ---------------------------------------------------------------------------
     def forward(self, crops: list[torch.Tensor], masks: list[torch.Tensor] | None = None) -> MIMOutput:

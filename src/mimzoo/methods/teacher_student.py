@@ -26,8 +26,9 @@ class TeacherStudentMethod(MIMMethod):
         self._ema_pairs: list[tuple[str, str]] = []
 
     def pair(self, teacher: str, student: str) -> None:
-        """Register attributes ``teacher`` and ``student`` (same architecture): the teacher starts as a
-        copy of the student's weights and is frozen; :meth:`update_teacher` moves it."""
+        """Register attributes ``teacher`` and ``student`` (same architecture, up to which modules are
+        shared): the teacher starts as a copy of the student's weights and is frozen;
+        :meth:`update_teacher` moves it."""
         t, s = getattr(self, teacher), getattr(self, student)
         t.load_state_dict(s.state_dict())
         t.requires_grad_(False)
@@ -39,11 +40,15 @@ class TeacherStudentMethod(MIMMethod):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
+        """Every teacher parameter whose name the student's parameters also have follows it (iBOT's
+        ``names_common``): a module shared under two names counts once, under its first name, so a
+        teacher whose patch layer is its ``[CLS]`` layer follows the student's ``[CLS]`` layer."""
         for teacher, student in self._ema_pairs:
-            t = [p for p in getattr(self, teacher).parameters()]
-            s = [p.detach() for p in getattr(self, student).parameters()]
+            s = dict(getattr(self, student).named_parameters())
+            pairs = [(p, s[name].detach()) for name, p in getattr(self, teacher).named_parameters() if name in s]
+            t = [p for p, _ in pairs]
             torch._foreach_mul_(t, momentum)
-            torch._foreach_add_(t, s, alpha=1.0 - momentum)
+            torch._foreach_add_(t, [q for _, q in pairs], alpha=1.0 - momentum)
 
     def optimizer_step(self, *args, **kwargs):
         """The optimiser step, then the EMA step with the momentum of this step (0-based, as iBOT's

@@ -9,8 +9,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from mimzoo.masking import mask_to_ids
@@ -137,12 +137,28 @@ class MaskTokenViT(ViTEncoder):
         return self.norm(x)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """``[CLS]`` + patches, plus positions resized bicubically to this crop's grid without
-        antialiasing, as DINO/iBOT's ``interpolate_pos_encoding`` (timm antialiases when shrinking)."""
+        """``[CLS]`` + patches, plus positions: the table itself at the model's grid, else resampled as
+        iBOT's (DINO's) ``interpolate_pos_encoding`` does it, quirk included (:func:`interpolate_pos_encoding`)."""
         b, h, w, d = x.shape
-        pos = resample_abs_pos_embed(self.pos_embed, (h, w), self.grid, num_prefix_tokens=1, antialias=False)
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1) + pos
-        return self.pos_drop(x)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1)
+        return self.pos_drop(x + interpolate_pos_encoding(self.pos_embed, self.grid, (h, w)))
+
+
+def interpolate_pos_encoding(pos_embed: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """``pos_embed [1, 1 + gh * gw, D]`` (``[CLS]`` first) for a ``size = (h, w)`` patch grid, computed as
+    iBOT's / DINO's ``VisionTransformer.interpolate_pos_encoding``: bicubic ``F.interpolate`` with
+    ``scale_factor=((h + 0.1) / gh, (w + 0.1) / gw)`` and ``recompute_scale_factor`` unset, so PyTorch
+    samples at ``(i + 0.5) * gh / (h + 0.1) - 0.5``, not at the ``gh / h`` spacing of a resize to ``h``
+    cells (timm's ``resample_abs_pos_embed``); the table itself at the model's own grid."""
+    (gh, gw), (h, w) = grid, size
+    if (h, w) == (gh, gw):
+        return pos_embed
+    d = pos_embed.shape[-1]
+    patch = F.interpolate(pos_embed[:, 1:].reshape(1, gh, gw, d).permute(0, 3, 1, 2),
+                          scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic")
+    if patch.shape[-2:] != (h, w):
+        raise RuntimeError(f"position interpolation gave a {tuple(patch.shape[-2:])} grid for {(h, w)}")
+    return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, d)], dim=1)
 
 
 def _init_trunc_normal(m: nn.Module):

@@ -72,9 +72,11 @@ def timm_model_name(kwargs: dict) -> str:
 
     generic = kwargs["model_name"]
     family = generic.split("_")[0]
+    if family not in ("vit", "beit"):  # e.g. ConvMAE's convmae_convvit, sized per stage
+        return generic
     size = _TIMM_SIZES.get((kwargs.get("embed_dim"), kwargs.get("depth"), kwargs.get("num_heads"),
                             float(kwargs.get("mlp_ratio", 4.0))))
-    if family not in ("vit", "beit") or size is None or kwargs.get("in_chans", 3) != 3:
+    if size is None or kwargs.get("in_chans", 3) != 3:
         return generic
     name = f"{family}_{size}_patch{kwargs.get('patch_size')}_{kwargs.get('img_size')}"
     return name if timm.is_model(name) else generic

@@ -152,7 +152,8 @@ def test_layer_norm_eps_is_refused_unless_overridden(tmp_path):
         load_official("hf", tmp_path / "hf")
     with pytest.raises(SystemExit, match="layer_norm_eps=1e-12"):
         import_main(["hf", str(tmp_path / "hf"), str(tmp_path / "out.ckpt")])
-    ours = load_official("hf", tmp_path / "hf", layer_norm_eps=1e-6)
+    import_main(["hf", str(tmp_path / "hf"), str(tmp_path / "out.ckpt"), "layer_norm_eps=1e-6"])
+    ours = load_pretrained(tmp_path / "out.ckpt").eval()
     x, mask = images(), random_mask()
     expected, got = hf_loss(hf, x, mask), our_loss(ours, x, mask)
     assert abs(got - expected) <= 1e-5 * abs(expected)  # measured: 8e-8 relative

@@ -1,7 +1,7 @@
-"""Checkpoints in and out: mimzoo checkpoints back into their method, encoders out to timm, and
-official repositories' checkpoints in.
+"""Checkpoints in and out: mimzoo checkpoints back into their method, encoders out to timm (and, through
+:mod:`mimzoo.checkpoints.hf`, to Hugging Face transformers), and official repositories' checkpoints in.
 
-Each official source is one module of this package (``mae``, ``ibot``, ``convmae``), found by name:
+Each official source is one module of this package (``mae``, ``ibot``, ``convmae``, ``hf``), found by name:
 ``load_official("mae", ...)`` imports :mod:`mimzoo.checkpoints.mae`, whose importer registers itself
 with :func:`register_importer`. Adding a source is adding a module; :mod:`mimzoo.checkpoints.convert`
 holds what the converters share.
@@ -23,10 +23,11 @@ import torch
 from omegaconf import OmegaConf
 
 from mimzoo.checkpoints.convert import read_official
+from mimzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
-def load_pretrained(path, map_location="cpu"):
-    """Rebuild the method module a mimzoo checkpoint was written by (``last.ckpt`` or any epoch)."""
+def _read_mimzoo(path, map_location="cpu") -> dict:
+    """The raw dict of a mimzoo checkpoint (weights, ``hyper_parameters``, the data module's, ``mimzoo``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -37,18 +38,83 @@ def load_pretrained(path, map_location="cpu"):
             f"{path} is not a mimzoo checkpoint (no 'mimzoo' entry). For an official checkpoint use "
             f"`mimzoo-import <method> {path} out.ckpt` or mimzoo.load_official(<method>, path)"
         )
-    module_name, cls_name = meta["method"].rsplit(".", 1)
+    return ckpt
+
+
+def _build(ckpt: dict):
+    module_name, cls_name = ckpt["mimzoo"]["method"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
     model = cls(**ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
     return model
 
 
+def load_pretrained(path, map_location="cpu"):
+    """Rebuild the method module a mimzoo checkpoint was written by (``last.ckpt`` or any epoch)."""
+    return _build(_read_mimzoo(path, map_location))
+
+
+# --- exports ----------------------------------------------------------------------------------
+# What the exports share: the architecture name (timm's own name where the sizes are one of its models)
+# and the preprocessing the encoder was trained with, so the exported model carries both.
+
+PAPER_PREPROCESSING = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, interpolation="bicubic")
+# timm's size word of a (width, depth, heads, MLP ratio); a name is used only where timm registers it
+_TIMM_SIZES = {(192, 12, 3, 4.0): "tiny", (384, 12, 6, 4.0): "small", (768, 12, 12, 4.0): "base",
+               (1024, 24, 16, 4.0): "large", (1280, 32, 16, 4.0): "huge"}
+
+
+def timm_model_name(kwargs: dict) -> str:
+    """The timm architecture name of an export: ``<family>_<size>_patch<p>_<img>`` (``vit_small_patch16_224``,
+    ``beit_base_patch16_224``...) where timm registers that name for these sizes, else the encoder's generic
+    name (which only picks the class; the kwargs set every size). The one place this choice is made."""
+    import timm
+
+    generic = kwargs["model_name"]
+    family = generic.split("_")[0]
+    if family not in ("vit", "beit"):  # e.g. ConvMAE's convmae_convvit, sized per stage
+        return generic
+    size = _TIMM_SIZES.get((kwargs.get("embed_dim"), kwargs.get("depth"), kwargs.get("num_heads"),
+                            float(kwargs.get("mlp_ratio", 4.0))))
+    if size is None or kwargs.get("in_chans", 3) != 3:
+        return generic
+    name = f"{family}_{size}_patch{kwargs.get('patch_size')}_{kwargs.get('img_size')}"
+    return name if timm.is_model(name) else generic
+
+
+def training_preprocessing(ckpt: dict, model) -> dict:
+    """The evaluation preprocessing of the data a checkpoint was trained on, as timm's ``pretrained_cfg``
+    fields (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``) plus ``notes`` saying where
+    it comes from: the data module's hyper-parameters a training run stores in its checkpoints, else (an
+    imported official checkpoint) the papers' ImageNet default (mean/std, crop 0.875, bicubic)."""
+    encoder = model.eval_encoder
+    size = tuple(int(s) for s in model.image_size)
+    data = ckpt.get("datamodule_hyper_parameters")
+    if data and all(k in data for k in ("mean", "std", "crop_pct")):
+        pre = dict(mean=data["mean"], std=data["std"], crop_pct=data["crop_pct"], interpolation="bicubic")
+        notes = f"preprocessing of the training data ({data.get('name', '?')}, eval transform: resize, centre crop)"
+    else:
+        pre = dict(PAPER_PREPROCESSING)
+        source = ckpt.get("mimzoo", {}).get("imported_from")
+        notes = ("paper default preprocessing (ImageNet mean/std, crop 0.875, bicubic): the checkpoint records no "
+                 f"data settings ({'imported from ' + str(source) if source else 'no data module saved'})")
+    return dict(input_size=(int(encoder.in_chans), *size), mean=tuple(float(v) for v in pre["mean"]),
+                std=tuple(float(v) for v in pre["std"]), crop_pct=float(pre["crop_pct"]),
+                interpolation=pre["interpolation"], notes=notes)
+
+
 def export_encoder(ckpt_path, out_path) -> dict:
-    """Write the encoder of a mimzoo checkpoint as a plain timm ViT state dict (``out_path``) and the
-    ``timm.create_model`` keyword arguments beside it (``out_path`` + ``.json``); returns the kwargs."""
-    model = load_pretrained(ckpt_path)
+    """Write the encoder of a mimzoo checkpoint as a plain timm state dict (``out_path``) and the
+    ``timm.create_model`` keyword arguments beside it (``out_path`` + ``.json``); returns the kwargs.
+
+    The kwargs name timm's architecture where the sizes are one of its models (:func:`timm_model_name`) and
+    carry the training preprocessing as ``pretrained_cfg_overlay`` (:func:`training_preprocessing`), so
+    ``timm.data.resolve_data_config({}, model=timm.create_model(**kwargs))`` gives it back."""
+    ckpt = _read_mimzoo(ckpt_path)
+    model = _build(ckpt)
     kwargs, state_dict = model.export_timm()
+    overlay = {**training_preprocessing(ckpt, model), "hf_hub_id": None, "tag": None}  # not timm's released weights
+    kwargs = {**kwargs, "model_name": timm_model_name(kwargs), "pretrained_cfg_overlay": overlay}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, out_path)
@@ -56,17 +122,47 @@ def export_encoder(ckpt_path, out_path) -> dict:
     return kwargs
 
 
+def export_hf(ckpt_path, out_dir, backbone_only: bool = False) -> str:
+    """Write a mimzoo checkpoint as a Hugging Face ``save_pretrained`` directory; returns the class written.
+
+    MAE (a ViT encoder with MAE's decoder) -> ``ViTMAEForPreTraining``; any other method whose evaluation
+    encoder is a plain ViT (iBOT's teacher, SG-MAE...), or MAE with ``backbone_only`` -> ``ViTModel``.
+    Needs no transformers; see :mod:`mimzoo.checkpoints.hf`."""
+    from mimzoo.checkpoints import hf
+
+    ckpt = _read_mimzoo(ckpt_path)
+    model = _build(ckpt)
+    return hf.save_hf(model, out_dir, training_preprocessing(ckpt, model), backbone_only=backbone_only)
+
+
 def export_main(argv=None):
-    """``mimzoo-export <ckpt> <out>``."""
-    parser = argparse.ArgumentParser(prog="mimzoo-export", description="Export a mimzoo encoder as a timm ViT state dict.")
+    """``mimzoo-export <ckpt> <out> [--format timm|hf|hf-vit]``."""
+    parser = argparse.ArgumentParser(prog="mimzoo-export", description="Export a mimzoo encoder as a timm ViT state dict "
+                                     "or a Hugging Face transformers directory.")
     parser.add_argument("ckpt", help="mimzoo checkpoint (e.g. runs/.../checkpoints/last.ckpt)")
-    parser.add_argument("out", help="output .pth (timm state dict); kwargs go to <out>.json")
+    parser.add_argument("out", help="timm: output .pth (state dict; kwargs go to <out>.json); hf, hf-vit: output directory")
+    parser.add_argument("--format", choices=("timm", "hf", "hf-vit"), default="timm",
+                        help="timm (default); hf: ViTMAEForPreTraining for MAE, ViTModel for other ViT encoders; "
+                             "hf-vit: ViTModel (the backbone only)")
     args = parser.parse_args(argv)
-    kwargs = export_encoder(args.ckpt, args.out)
-    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {args.out} and {args.out}.json; load it with:\n"
-          f"  model = timm.create_model({call})\n"
-          f"  model.load_state_dict(torch.load({args.out!r}), strict=True)")
+    try:
+        if args.format == "timm":
+            kwargs = export_encoder(args.ckpt, args.out)
+        else:
+            cls = export_hf(args.ckpt, args.out, backbone_only=args.format == "hf-vit")
+    except (FileNotFoundError, ValueError) as e:  # a user's mistake: the message, not a traceback
+        raise SystemExit(f"mimzoo-export: error: {e}")
+    if args.format == "timm":
+        print(f"wrote {args.out} and {args.out}.json ({kwargs['model_name']}; "
+              f"{kwargs['pretrained_cfg_overlay']['notes']}); load it with:\n"
+              f"  model = timm.create_model(**json.load(open({args.out + '.json'!r})))\n"
+              f"  model.load_state_dict(torch.load({args.out!r}), strict=True)\n"
+              f"  data_cfg = timm.data.resolve_data_config({{}}, model=model)  # input size, mean, std, crop")
+    else:
+        extra = ", add_pooling_layer=False" if cls == "ViTModel" else ""
+        print(f"wrote {args.out}/ ({cls}); load it with:\n"
+              f"  model = transformers.{cls}.from_pretrained({args.out!r}{extra})\n"
+              f"  processor = transformers.AutoImageProcessor.from_pretrained({args.out!r})")
 
 
 # --- official checkpoints in ------------------------------------------------------------------
@@ -78,10 +174,12 @@ _IMPORTERS: dict[str, Callable] = {}
 _HELPERS = {"convert"}  # modules of this package that are not sources
 
 
-def register_importer(method: str):
-    """Decorator adding an official-format importer for ``method`` (``mae``, later ``beit``...)."""
+def register_importer(method: str, read: Callable = read_official):
+    """Decorator adding an official-format importer for ``method`` (``mae``, later ``beit``...); ``read``
+    turns the user's path into what the importer gets (a ``save_pretrained`` directory for ``hf``)."""
 
     def deco(fn):
+        fn.read = read
         _IMPORTERS[method] = fn
         return fn
 
@@ -109,7 +207,8 @@ def load_official(method: str, path, **model_overrides):
     are the method's constructor arguments, merged over the inferred ones, e.g.
     ``load_official("mae", p, encoder={"num_heads": 12}, decoder={"num_heads": 16}, norm_pix_loss=False)``.
     """
-    return _importer(method)(read_official(path), str(path), model_overrides).eval()
+    importer = _importer(method)
+    return importer(importer.read(path), str(path), model_overrides).eval()
 
 
 def import_official(method: str, src, out_ckpt, **model_overrides) -> Path:
@@ -138,7 +237,7 @@ def import_main(argv=None):
         epilog="overrides use dotted keys, e.g. norm_pix_loss=false encoder.num_heads=12 decoder.num_heads=16",
     )
     parser.add_argument("method", choices=known_sources())
-    parser.add_argument("src", help="official checkpoint, e.g. mae_pretrain_vit_base.pth")
+    parser.add_argument("src", help="official checkpoint, e.g. mae_pretrain_vit_base.pth (hf: a save_pretrained directory)")
     parser.add_argument("out", help="mimzoo checkpoint to write, e.g. mae_base.ckpt")
     parser.add_argument("overrides", nargs="*", help="constructor arguments as key=value (dotted for nesting)")
     args = parser.parse_args(argv)

@@ -321,3 +321,17 @@ def test_timm_model_name(family, sizes, name):
     assert timm_model_name({"model_name": f"{family}_base_patch16_224", "mlp_ratio": 4.0, **sizes}) == name
     convvit = {"embed_dim": [256, 384, 768], "depth": [2, 2, 11], "num_heads": 12, "patch_size": [4, 2, 2]}
     assert timm_model_name({"model_name": "convmae_convvit", "img_size": 224, **convvit}) == "convmae_convvit"
+
+
+def test_convmae_timm_export_carries_the_training_preprocessing(tmp_path):
+    """convmae_convvit applies the export's pretrained_cfg_overlay like timm's own models do."""
+    torch.manual_seed(0)
+    model = ConvMAE(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2],
+                                 num_heads=2), decoder=dict(dim=32, depth=1, num_heads=2))
+    data = dict(image_size=32, crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616))
+    export_main([str(save_ckpt(model, tmp_path / "convmae.ckpt", data=data)), str(tmp_path / "convvit.pth")])
+    vit = timm.create_model(**json.loads((tmp_path / "convvit.pth.json").read_text()))
+    cfg = timm.data.resolve_data_config({}, model=vit)
+    assert tuple(cfg["input_size"]) == (3, 32, 32) and cfg["crop_pct"] == 1.0
+    np.testing.assert_allclose(cfg["mean"], data["mean"])
+    np.testing.assert_allclose(cfg["std"], data["std"])

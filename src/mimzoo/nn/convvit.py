@@ -202,12 +202,13 @@ def convmae_convvit(pretrained: bool = False, **kwargs) -> ConvViT:
     """timm entry point; every size is a keyword (see ``ConvMAEEncoder.timm_kwargs``). No released weights."""
     if pretrained:
         raise ValueError("convmae_convvit has no timm weights; import official ones with `mimzoo-import convmae`")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}  # the training preprocessing an export carries
+    for key in ("pretrained_cfg", "cache_dir"):
         kwargs.pop(key, None)
     model = ConvViT(**kwargs)
-    model.pretrained_cfg = model.default_cfg = dict(
-        num_classes=model.num_classes, input_size=(3, model.img_size, model.img_size), first_conv="patch_embed1.proj",
-        classifier="head")
+    model.pretrained_cfg = model.default_cfg = {
+        "num_classes": model.num_classes, "input_size": (3, model.img_size, model.img_size),
+        "first_conv": "patch_embed1.proj", "classifier": "head", **overlay}
     return model
 
 

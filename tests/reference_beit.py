@@ -71,15 +71,14 @@ def official_state_dict(*, img_size, patch_size, embed_dim, depth, num_heads, vo
     num_patches = window[0] * window[1]
     num_rel = (2 * window[0] - 1) * (2 * window[1] - 1) + 3
     hidden = int(embed_dim * mlp_ratio)
-    shapes = {"cls_token": (1, 1, embed_dim), "mask_token": (1, 1, embed_dim), "pos_embed": (1, num_patches + 1, embed_dim),
-              "patch_embed.proj.weight": (embed_dim, in_chans, patch_size, patch_size),
-              "patch_embed.proj.bias": (embed_dim,), "relative_position_bias_table": (num_rel, num_heads),
-              "gamma_1": (embed_dim,), "gamma_2": (embed_dim,), "norm1.weight": (embed_dim,), "norm1.bias": (embed_dim,),
-              "q_bias": (embed_dim,), "v_bias": (embed_dim,), "qkv.weight": (3 * embed_dim, embed_dim),
-              "proj.weight": (embed_dim, embed_dim), "proj.bias": (embed_dim,), "norm2.weight": (embed_dim,),
-              "norm2.bias": (embed_dim,), "fc1.weight": (hidden, embed_dim), "fc1.bias": (hidden,),
-              "fc2.weight": (embed_dim, hidden), "fc2.bias": (embed_dim,), "norm.weight": (embed_dim,),
-              "norm.bias": (embed_dim,), "lm_head.weight": (vocab_size, embed_dim), "lm_head.bias": (vocab_size,)}
+    d = embed_dim
+    shapes = {"cls_token": (1, 1, d), "mask_token": (1, 1, d), "pos_embed": (1, num_patches + 1, d),
+              "patch_embed.proj.weight": (d, in_chans, patch_size, patch_size), "patch_embed.proj.bias": (d,),
+              "relative_position_bias_table": (num_rel, num_heads), "gamma_1": (d,), "gamma_2": (d,),
+              "norm1.weight": (d,), "norm1.bias": (d,), "q_bias": (d,), "v_bias": (d,), "qkv.weight": (3 * d, d),
+              "proj.weight": (d, d), "proj.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,),
+              "fc1.weight": (hidden, d), "fc1.bias": (hidden,), "fc2.weight": (d, hidden), "fc2.bias": (d,),
+              "norm.weight": (d,), "norm.bias": (d,), "lm_head.weight": (vocab_size, d), "lm_head.bias": (vocab_size,)}
     sd = OrderedDict()
     for key in official_keys(depth, use_abs_pos_emb=use_abs_pos_emb, use_shared_rel_pos_bias=use_shared_rel_pos_bias,
                              use_rel_pos_bias=use_rel_pos_bias, init_values=init_values):

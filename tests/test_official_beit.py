@@ -224,9 +224,20 @@ def test_without_a_tokenizer_the_module_is_encoder_only(tmp_path):
     assert torch.equal(load_pretrained(out).features(x), model.features(x))
 
 
+def test_dalle_tokenizer_spec_problems_are_one_line(tmp_path):
+    """``tokenizer.kind=dalle``: without OpenAI's package or without encoder.pkl the CLI says which."""
+    src = save_model(tmp_path, official_sd())
+    with pytest.raises(SystemExit) as err:
+        import_main(["beit", str(src), str(tmp_path / "out.ckpt"), "tokenizer.kind=dalle",
+                     f"tokenizer.path={tmp_path / 'nowhere'}"])
+    text = str(err.value)
+    assert "\n" not in text and re.search(r"pip install DALL-E|no DALL-E encoder at .*encoder.pkl", text), text
+
+
 def test_tokenizer_must_match_the_lm_head(tmp_path):
     path = save_model(tmp_path, official_sd())
-    with pytest.raises(ValueError, match=r"lm_head predicts 16 codes but the tokenizer has 8; .*discrete_vae_type=dall-e"):
+    with pytest.raises(ValueError, match=r"lm_head predicts 16 codes but the tokenizer has 8; "
+                                         r".*discrete_vae_type=dall-e"):
         load_official("beit", path, tokenizer=FakeTokenizer(num_tokens=8))
     with pytest.raises(ValueError, match=r"tokenizer grid \(4, 4\)"):
         load_official("beit", path, tokenizer=FakeTokenizer(downsample=8))

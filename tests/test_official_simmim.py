@@ -211,7 +211,8 @@ def test_wrong_files_name_the_importer(tmp_path):
     stride16 = dict(official_state_dict("vit_base_recipe"), **{"decoder.0.weight": torch.zeros(16 * 16 * 3, D, 1, 1),
                                                                 "decoder.0.bias": torch.zeros(16 * 16 * 3)})
     cases = {"beit": ({"model": beit}, r"is a BEiT pre-training checkpoint \(lm_head\): use `mimzoo-import beit "),
-             "backbone": (backbone, r"is a ViT backbone without SimMIM's encoder./decoder. keys .*`mimzoo-import beit "),
+             "backbone": (backbone,
+                          r"is a ViT backbone without SimMIM's encoder./decoder. keys .*`mimzoo-import beit "),
              "swin": ({"model": swin}, r"is a SimMIM Swin checkpoint \(encoder.layers.\*\); only SimMIM's ViT"),
              "stride16": ({"model": stride16}, r"decoder.0.weight predicts 768 values per token, not patch 4\^2 x 3 "
                                                r"channels; mimzoo's SimMIM needs encoder_stride = patch size")}
@@ -224,6 +225,7 @@ def test_wrong_files_name_the_importer(tmp_path):
     assert not (tmp_path / "out.ckpt").exists()
     simmim = official_state_dict("vit_base_recipe")  # and the other way round: beit names simmim
     torch.save({"model": simmim}, tmp_path / "simmim.pth")
-    with pytest.raises(SystemExit, match=r"is a SimMIM checkpoint \(encoder.\*, decoder.0.\*\): use `mimzoo-import simmim"):
+    with pytest.raises(SystemExit, match=r"is a SimMIM checkpoint \(encoder.\*, decoder.0.\*\): "
+                                         r"use `mimzoo-import simmim"):
         import_main(["beit", str(tmp_path / "simmim.pth"), str(tmp_path / "out.ckpt")])
     assert isinstance(load_official("simmim", tmp_path / "simmim.pth"), SimMIM)

@@ -55,7 +55,8 @@ def _official_name(key: str) -> str:
 def not_beit(ckpt, sd: dict | None, path: str, method: str = "beit") -> str | None:
     """One line naming the importer for a file of another method, or None when it may be BEiT-style."""
     if isinstance(ckpt, dict) and "teacher" in ckpt and "student" in ckpt:
-        return f"{path} is an iBOT/DINO training checkpoint (teacher, student): use `mimzoo-import ibot {path} out.ckpt`"
+        return (f"{path} is an iBOT/DINO training checkpoint (teacher, student): "
+                f"use `mimzoo-import ibot {path} out.ckpt`")
     if sd is None:
         return None
     if any(k.startswith("decoder_") for k in sd):
@@ -111,7 +112,10 @@ def _import_beit(ckpt, path: str, overrides: dict):
         hparams["num_tokens"] = int(lm_head.shape[0]) if lm_head is not None else 8192
     hparams = OmegaConf.to_container(OmegaConf.merge(hparams, overrides))
     log.info("BEiT (%s) from %s: %s", "pre-training" if pretraining else "fine-tuning backbone", path, hparams)
-    model = BEiT(**hparams, tokenizer=tokenizer)
+    try:
+        model = BEiT(**hparams, tokenizer=tokenizer)
+    except ImportError as err:  # the DALL-E tokenizer without its package: a user's fix, not a traceback
+        raise ValueError(str(err)) from err
     if lm_head is not None and model.head.out_features != lm_head.shape[0]:
         raise ValueError(f"{path}: lm_head predicts {lm_head.shape[0]} codes but the tokenizer has "
                          f"{model.head.out_features}; give the tokenizer the checkpoint was trained with "

@@ -244,3 +244,37 @@ def test_finetune_builds_a_timm_beit_from_the_export():
     _, exported = model.export_timm()
     name = "blocks.1.attn.qkv.weight"
     assert torch.equal(ft.model.state_dict()[name], exported[name])
+
+
+def test_per_block_tables_and_mean_pooling_are_timms():
+    """``use_rel_pos_bias`` (a table per block) and ``global_pool="avg"`` (fc_norm after a mean over patch
+    tokens): the features are the exported timm Beit's; a shared table next to per-block ones is folded
+    into them on export."""
+    from mimzoo.nn import BEiTEncoder
+
+    torch.manual_seed(0)
+    enc = BEiTEncoder(**ENC, use_shared_rel_pos_bias=True, use_rel_pos_bias=True, global_pool="avg").eval()
+    with torch.no_grad():
+        for n, p in enc.named_parameters():
+            if "relative_position_bias_table" in n or n.startswith("fc_norm"):
+                p.normal_()
+    assert isinstance(enc.norm, nn.Identity) and enc.blocks[1].attn.relative_position_bias_table is not None
+    x = images()
+    tokens = enc.forward_masked(x)
+    assert torch.allclose(enc.features(x), enc.fc_norm(tokens[:, 1:].mean(1)), atol=1e-6)
+    for per_layer in (True, False):
+        kwargs, state = enc.export_timm(per_layer_rel_pos_bias=per_layer)
+        vit = timm.create_model(**kwargs).eval()
+        vit.load_state_dict(state, strict=True)
+        assert (vit.rel_pos_bias is None) == per_layer
+        assert torch.allclose(vit(x), enc.features(x), atol=1e-5)
+    with pytest.raises(ValueError, match="global_pool='max'"):
+        BEiTEncoder(**ENC, global_pool="max")
+
+
+def test_encoder_only_beit_needs_num_tokens_and_refuses_the_loss():
+    model = BEiT(encoder=dict(ENC), tokenizer=None, num_tokens=32).eval()
+    assert model.tokenizer is None and model.head.out_features == 32
+    assert model.features(images()).shape == (4, 32)
+    with pytest.raises(ValueError, match=r"no tokenizer \(built for its encoder.*tokenizer.kind=dvae"):
+        model(images())

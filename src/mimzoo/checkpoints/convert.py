@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -14,13 +17,30 @@ import torch
 _STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-T/S/B/L/H
 
 
+class _YacsConfig:
+    """Stand-in for yacs' ``CfgNode`` (the ``config`` microsoft/SimMIM's ``utils.save_checkpoint`` saves):
+    read as an ``OrderedDict`` of its keys, without yacs and without running any of its code."""
+
+    def __new__(cls, *args):
+        return OrderedDict()
+
+
 def read_official(path):
-    """``torch.load`` without arbitrary unpickling; ``argparse.Namespace`` (official ``args``) is allowed."""
+    """``torch.load`` without arbitrary unpickling; ``argparse.Namespace`` (official ``args``) is allowed and
+    a yacs ``CfgNode`` (official ``config``) is read as nested ``OrderedDict``s. An unreadable file is a
+    ``ValueError`` saying so."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, (_YacsConfig, "yacs.config.CfgNode")]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, UnicodeDecodeError) as err:
+        found = re.search(r"(Unsupported [^\n]*?)(?: was not an allowed global by default|\n|$)", str(err))
+        why = (found.group(1).strip() if found else "empty or truncated" if isinstance(err, EOFError)
+               else "not written by torch.save" if isinstance(err, KeyError) else str(err).strip().split("\n")[0][:160])
+        raise ValueError(f"{path} is not a checkpoint torch.load can read safely ({why}); pass the .pth file the "
+                         "official training script or release wrote") from err
     if isinstance(ckpt, dict) and "mimzoo" in ckpt:
         raise ValueError(f"{path} is already a mimzoo checkpoint; load it with mimzoo.load_pretrained")
     return ckpt
@@ -84,6 +104,74 @@ def vit_encoder_sizes(sd: dict, path: str) -> dict:
     depth, mlp_ratio = block_sizes(sd, "blocks.", dim)
     return dict(img_size=grid * patch[0], patch_size=patch[0], embed_dim=dim, depth=depth,
                 num_heads=standard_heads(dim), mlp_ratio=mlp_ratio, in_chans=in_chans)
+
+
+def _grid_from_table(rows: int) -> int | None:
+    """The side ``g`` of a square grid whose relative position table has ``(2g - 1)^2 + 3`` rows."""
+    side = math.isqrt(max(rows - 3, 0))
+    return (side + 1) // 2 if side * side == rows - 3 and side % 2 == 1 else None
+
+
+def beit_encoder_sizes(sd: dict, path: str, img_size: int | None = None) -> dict:
+    """The :class:`~mimzoo.nn.BEiTEncoder` keyword arguments a BEiT-style ViT state dict fixes (keys as
+    timm's ``Beit``, BEiT's and SimMIM's ``VisionTransformer``: ``patch_embed.proj``, ``blocks.<i>`` with
+    ``attn.q_bias``/``v_bias``, optional ``pos_embed``, ``gamma_1``, shared ``rel_pos_bias.*`` or per-block
+    ``attn.relative_position_*``, ``norm`` or ``fc_norm``).
+
+    The grid comes from every place that tells it and must agree: ``pos_embed`` (one class slot), a
+    ``relative_position_index`` (``[1 + N, 1 + N]``) and a ``relative_position_bias_table``
+    (``(2g - 1)^2 + 3`` rows); with none of them (no positions at all) ``img_size`` must be given. The head
+    count is the tables' second dimension, else the standard one for the width. Layer scale, absolute
+    positions, shared or per-block tables and mean pooling (``fc_norm``) are read from which keys exist;
+    the layer-scale *initial* value is not in the weights (0.1, BEiT's default, when gammas exist).
+    """
+    dim, in_chans, *patch = sd["patch_embed.proj.weight"].shape
+    tables = [k for k in ("rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table")
+              if k in sd]
+    grids = {}
+    if "pos_embed" in sd:
+        grids["pos_embed"] = square_grid(sd["pos_embed"].shape[1] - 1, [patch], path)
+    for key in (k for k in sd if k.endswith("relative_position_index")):
+        grids[key] = square_grid(sd[key].shape[0] - 1, [patch], path)
+    for key in tables:
+        grids[key] = _grid_from_table(sd[key].shape[0])
+        if grids[key] is None:
+            raise ValueError(f"{path}: {key} has {sd[key].shape[0]} rows, not (2g - 1)^2 + 3 for a square g x g grid")
+    if len(set(grids.values())) > 1:
+        shown = ", ".join(f"{k}: {g}x{g}" for k, g in grids.items())
+        raise ValueError(f"{path}: the position tensors disagree on the patch grid ({shown})")
+    if grids:
+        img_size = next(iter(grids.values())) * patch[0]
+    elif img_size is None:
+        raise ValueError(f"{path} has no position tensor (no pos_embed, no relative position table) to tell the "
+                         "image size; pass it: encoder.img_size=224 (encoder={'img_size': 224})")
+    square_grid(1, [patch], path)  # square patches
+    heads = {int(sd[k].shape[1]) for k in tables}
+    if len(heads) > 1:
+        raise ValueError(f"{path}: the relative position tables disagree on the head count ({sorted(heads)})")
+    depth, mlp_ratio = block_sizes(sd, "blocks.", dim)
+    return dict(img_size=int(img_size), patch_size=int(patch[0]), embed_dim=int(dim), depth=depth,
+                num_heads=heads.pop() if heads else standard_heads(dim), mlp_ratio=mlp_ratio, in_chans=int(in_chans),
+                layer_scale_init=0.1 if "blocks.0.gamma_1" in sd else None, use_abs_pos_emb="pos_embed" in sd,
+                use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in sd,
+                use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in sd,
+                global_pool="avg" if "fc_norm.weight" in sd else "token")
+
+
+def drop_relative_position_index(sd: dict, grid: int, path: str, prefix: str = "") -> dict:
+    """``sd`` without the ``relative_position_index`` buffers (persistent in BEiT's and SimMIM's code,
+    not in timm's), each checked to be the index timm builds for the ``grid x grid`` patch grid."""
+    from timm.models.beit import gen_relative_position_index
+
+    expected = gen_relative_position_index((grid, grid))
+    out = {}
+    for k, v in sd.items():
+        if not k.endswith("relative_position_index"):
+            out[k] = v
+        elif not torch.equal(v.long(), expected):
+            raise ValueError(f"{path}: {prefix}{k} is not the relative position index of a {grid}x{grid} patch grid; "
+                             "the file was not written by BEiT/SimMIM/timm code for this grid")
+    return out
 
 
 def load_strict(model, state: dict, official_name: Callable[[str], str], path: str, hint: str):

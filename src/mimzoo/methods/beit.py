@@ -8,6 +8,9 @@ The tokenizer is frozen and kept as a plain (unregistered) attribute: it is not 
 it is not in ``state_dict``/checkpoints, not in ``parameters()`` (hence not in the optimiser) and
 Lightning's ``.train()`` never flips it out of eval mode. It is moved to the images' device on use.
 It is rebuilt from the ``tokenizer`` spec (saved in the hyper-parameters) when a checkpoint loads.
+
+Without a tokenizer but with ``num_tokens`` the module is encoder-only (what ``load_official("beit", ...)``
+builds from weights alone): features, ``mimzoo-eval`` and export work, the loss asks for a tokenizer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from .base import MIMMethod, MIMOutput
 MISSING_TOKENIZER = (
     "BEiT needs a trained tokenizer: pass model.tokenizer.ckpt=<dvae ckpt> "
     "(train one with `mimzoo-train model=dvae`, then use its checkpoints/last.ckpt)"
+)
+NO_TOKENIZER = (
+    "this BEiT has no tokenizer (built for its encoder: features, mimzoo-eval and export work); the loss needs "
+    "one: tokenizer={'kind': 'dvae', 'ckpt': ...} or {'kind': 'dalle', 'path': ...} (mimzoo-import: "
+    "tokenizer.kind=dvae tokenizer.ckpt=...)"
 )
 
 
@@ -56,14 +64,23 @@ class BEiT(MIMMethod):
         use_shared_rel_pos_bias: bool = True,
         drop_path_rate: float = 0.0,
     ):
-        """``num_tokens``, if given, is checked against the tokenizer's codebook (the head's size)."""
+        """``num_tokens``, if given, is checked against the tokenizer's codebook (the head's size); with
+        ``tokenizer=None`` it sizes the head of an encoder-only module (see the module docstring)."""
         super().__init__(mask=mask, optim=optim)
         self.save_hyperparameters(ignore=["tokenizer"] if isinstance(tokenizer, nn.Module) else None)
         self.encoder = BEiTEncoder(
             **{"layer_scale_init": layer_scale_init, "use_abs_pos_emb": use_abs_pos_emb,
                "use_shared_rel_pos_bias": use_shared_rel_pos_bias, "drop_path_rate": drop_path_rate, **encoder})
-        if tokenizer is None:
+        if tokenizer is None and num_tokens is None:
             raise ValueError(MISSING_TOKENIZER)
+        tok = None if tokenizer is None else self._checked_tokenizer(tokenizer, num_tokens)
+        object.__setattr__(self, "tokenizer", tok)  # unregistered on purpose, see module docstring
+        self.head = nn.Linear(self.encoder.embed_dim, num_tokens if tok is None else tok.num_tokens)
+        trunc_normal_1sigma_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def _checked_tokenizer(self, tokenizer: dict | nn.Module, num_tokens: int | None) -> nn.Module:
+        """The tokenizer (built from its spec), frozen, after checking its grid and codebook size."""
         tok = tokenizer if isinstance(tokenizer, nn.Module) else load_tokenizer(tokenizer)
         tok_grid = tuple(tok.grid_size(self.image_size))
         if tok_grid != self.grid_size:
@@ -76,15 +93,13 @@ class BEiT(MIMMethod):
         if num_tokens is not None and num_tokens != tok.num_tokens:
             raise ValueError(f"model.num_tokens={num_tokens} but the tokenizer has {tok.num_tokens} codes; "
                              "drop model.num_tokens or use a matching tokenizer checkpoint")
-        tok.requires_grad_(False).eval()
-        object.__setattr__(self, "tokenizer", tok)  # unregistered on purpose, see module docstring
-        self.head = nn.Linear(self.encoder.embed_dim, tok.num_tokens)
-        trunc_normal_1sigma_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        return tok.requires_grad_(False).eval()
 
     @torch.no_grad()
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """Code ids ``[B, L]`` from the frozen tokenizer (eval mode, no gradients)."""
+        if self.tokenizer is None:
+            raise ValueError(NO_TOKENIZER)
         tok = self.tokenizer.to(images.device).eval()
         ids = tok.tokenize(images)
         expected = (images.shape[0], self.grid_size[0] * self.grid_size[1])

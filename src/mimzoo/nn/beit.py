@@ -25,7 +25,10 @@ class BEiTEncoder(MaskedEncoder, Beit):
     """timm Beit with ``mask_token``, a replacing :class:`~mimzoo.nn.MaskedEncoder` (BEiT, SimMIM).
 
     Defaults follow BEiT's pre-training code: no absolute positions, one relative position bias
-    table shared by every layer, layer scale 0.1.
+    table shared by every layer, layer scale 0.1, the final norm on every token and ``[CLS]`` as the
+    feature. ``use_rel_pos_bias`` gives every block its own table and ``global_pool="avg"`` moves the
+    final norm after a mean over patch tokens (timm's ``fc_norm``): the layout of BEiT's fine-tuned
+    weights (timm's ``beit_*``), so those load as they are.
     """
 
     drops_masked = False
@@ -43,6 +46,8 @@ class BEiTEncoder(MaskedEncoder, Beit):
         layer_scale_init: float | None = 0.1,
         use_abs_pos_emb: bool = False,
         use_shared_rel_pos_bias: bool = True,
+        use_rel_pos_bias: bool = False,
+        global_pool: str = "token",
     ):
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}; "
@@ -53,10 +58,12 @@ class BEiTEncoder(MaskedEncoder, Beit):
             img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, in_chans=in_chans, init_values=layer_scale_init or None,
             use_abs_pos_emb=use_abs_pos_emb, use_shared_rel_pos_bias=use_shared_rel_pos_bias,
-            use_rel_pos_bias=False,
+            use_rel_pos_bias=use_rel_pos_bias, global_pool=global_pool,
         )
-        super().__init__(**self.timm_kwargs, num_classes=0, global_pool="token", qkv_bias=True,
-                         drop_path_rate=drop_path_rate)
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: use 'token' ([CLS], final norm on every token) or "
+                             "'avg' (mean of patch tokens, then fc_norm)")
+        super().__init__(**self.timm_kwargs, num_classes=0, qkv_bias=True, drop_path_rate=drop_path_rate)
         self.in_chans = in_chans
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.initialize_beit()
@@ -108,19 +115,25 @@ class BEiTEncoder(MaskedEncoder, Beit):
             x = blk(x, shared_rel_pos_bias=rel_pos_bias)
         return self.norm(x)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """timm's pre-logits: ``[CLS]`` after the final norm, or with ``global_pool="avg"`` ``fc_norm`` of
+        the mean patch token."""
+        return self.forward_head(self.forward_masked(images), pre_logits=True)
+
     def export_timm(self, per_layer_rel_pos_bias: bool = True) -> tuple[dict, dict]:
         """``(kwargs, state_dict)`` for ``timm.create_model(**kwargs)`` (a plain timm Beit, strict load).
 
         With ``per_layer_rel_pos_bias`` (default, what BEiT's fine-tuning does and what timm's
         ``beit_*`` weights look like) the shared table is copied into every block's own table;
-        otherwise the model keeps timm's ``use_shared_rel_pos_bias``. ``mask_token`` is dropped.
+        otherwise the model keeps timm's ``use_shared_rel_pos_bias``. ``mask_token`` is dropped. A block
+        with a table of its own as well gets the sum (the same index reads both).
         """
-        kwargs = {"model_name": "beit_base_patch16_224", "pretrained": False, "num_classes": 0,
-                  "global_pool": "token", **self.timm_kwargs}
+        kwargs = {"model_name": "beit_base_patch16_224", "pretrained": False, "num_classes": 0, **self.timm_kwargs}
         state = state_for_export(self, drop=("mask_token",))
         if per_layer_rel_pos_bias and self.rel_pos_bias is not None:
             table = state.pop("rel_pos_bias.relative_position_bias_table")
             for i in range(len(self.blocks)):
-                state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+                own = f"blocks.{i}.attn.relative_position_bias_table"
+                state[own] = table.clone() + state[own] if own in state else table.clone()
             kwargs.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
         return kwargs, state

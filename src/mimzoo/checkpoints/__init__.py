@@ -1,7 +1,8 @@
 """Checkpoints in and out: mimzoo checkpoints back into their method, encoders out to timm (and, through
 :mod:`mimzoo.checkpoints.hf`, to Hugging Face transformers), and official repositories' checkpoints in.
 
-Each official source is one module of this package (``mae``, ``ibot``, ``convmae``, ``hf``), found by name:
+Each official source is one module of this package (``mae``, ``ibot``, ``convmae``, ``beit``, ``simmim``,
+``hf``), found by name:
 ``load_official("mae", ...)`` imports :mod:`mimzoo.checkpoints.mae`, whose importer registers itself
 with :func:`register_importer`. Adding a source is adding a module; :mod:`mimzoo.checkpoints.convert`
 holds what the converters share.

@@ -1,7 +1,8 @@
 """``mimzoo-eval protocol=linear|finetune|knn ckpt=<mimzoo checkpoint>``: top-1 of a pre-trained encoder.
 
 Each run writes into its own Hydra directory: the resolved config (``.hydra/``), ``results.json``,
-and for the trained protocols ``metrics.csv``, ``wandb/`` and ``checkpoints/`` (best by val/top1 and last).
+and for the trained protocols ``metrics.csv``, ``wandb/`` and ``checkpoints/`` (best by val/top1 and last,
+written atomically).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mimzoo.checkpoints import load_pretrained
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
+from mimzoo.rundir import AtomicCheckpointIO
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -61,7 +63,8 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), monitor="val/top1", mode="max",
                                  save_last=True, enable_version_counter=False)
     trainer = instantiate(cfg.trainer, callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
-                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
+                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
+                          plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     best = checkpoint.best_model_score

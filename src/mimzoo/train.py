@@ -14,13 +14,14 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mimzoo.callbacks import ReconstructionPanels
 from mimzoo.data import primary_view
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
+from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -40,9 +41,7 @@ def build_datamodule(cfg: DictConfig, model):
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
     callbacks = [
-        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=cfg.checkpoint.save_top_k,
-                        monitor=cfg.checkpoint.monitor, every_n_epochs=cfg.checkpoint.every_n_epochs,
-                        every_n_train_steps=cfg.checkpoint.every_n_train_steps, enable_version_counter=False),
+        *checkpoint_callbacks(cfg, run_dir / "checkpoints"),  # last.ckpt, plus kept ones when checkpoint.keep_* ask
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
     ]
@@ -80,7 +79,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg, model)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir, model),
-                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
+                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
+                          plugins=[AtomicCheckpointIO()])
     fit_model = torch.compile(model) if cfg.compile else model
     trainer.fit(fit_model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

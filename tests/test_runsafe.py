@@ -1,0 +1,104 @@
+"""Run directories that can be trusted: atomic checkpoints on any filesystem layout and no temp files left,
+only ``last.ckpt`` by default."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mimzoo.methods import MAE
+from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks
+from mimzoo.train import CONFIG_DIR
+
+from conftest import TINY, TINY_MAE
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+# --- atomic checkpoints ----------------------------------------------------------------------------
+def _state(value: float) -> dict:
+    return {"state_dict": {"w": torch.full((256, 256), value)}, "epoch": int(value)}
+
+
+def test_save_with_tmpdir_elsewhere_writes_beside_the_target(tmp_path, monkeypatch):
+    """$TMPDIR on another directory (tmpfs when there is one, as on a cluster node): nothing is written there,
+    no cross-directory move happens (across filesystems that is a copy into the open target), no temp file stays."""
+    shm = Path("/dev/shm")
+    other = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path))
+    try:
+        monkeypatch.setenv("TMPDIR", str(other))
+        monkeypatch.setattr(tempfile, "tempdir", str(other))
+
+        def no_move(*args, **kwargs):
+            raise AssertionError(f"shutil.move{args}: the checkpoint went through a temp file away from its target")
+
+        monkeypatch.setattr(shutil, "move", no_move)
+        target = tmp_path / "run" / "checkpoints" / "last.ckpt"
+        AtomicCheckpointIO().save_checkpoint(_state(1.0), target)
+        assert os.listdir(other) == []
+        assert os.listdir(target.parent) == ["last.ckpt"]
+        assert torch.equal(torch.load(target)["state_dict"]["w"], torch.full((256, 256), 1.0))
+    finally:
+        shutil.rmtree(other)
+
+
+def test_crash_mid_write_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint(_state(1.0), target)
+    real_save = torch.save
+
+    def killed_half_way(obj, f, *args, **kwargs):  # writes part of the checkpoint, then "the process dies"
+        real_save(obj, buffer := __import__("io").BytesIO())
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint(_state(2.0), target)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert os.listdir(target.parent) == ["last.ckpt"]
+    assert torch.load(target)["epoch"] == 1  # the previous checkpoint, whole
+
+
+class LastAtEpochStart(L.Callback):
+    """Records the step of ``last.ckpt`` at the start of each epoch (0 for none)."""
+
+    def __init__(self, path: Path):
+        self.path, self.steps = path, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        exists = self.path.is_file()
+        self.steps.append(torch.load(self.path, weights_only=False)["global_step"] if exists else 0)
+
+
+def _fit_tiny_mae(tmp_path, *overrides, epochs=3):
+    cfg = compose_train(*TINY, *overrides)
+    torch.manual_seed(0)
+    seen = LastAtEpochStart(tmp_path / "last.ckpt")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=1, limit_val_batches=0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[*checkpoint_callbacks(cfg, tmp_path), seen], plugins=[AtomicCheckpointIO()])
+    from mimzoo.data import MIMDataModule
+
+    trainer.fit(MAE(**TINY_MAE), datamodule=MIMDataModule("fake", batch_size=8, num_workers=0))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    return sorted(os.listdir(tmp_path)), seen.steps
+
+
+def test_only_last_ckpt_by_default_and_every_n_when_asked(tmp_path):
+    files, steps = _fit_tiny_mae(tmp_path / "default")
+    assert files == ["last.ckpt"] and steps == [0, 1, 2]  # rewritten at every epoch end, not only at the end
+    files, steps = _fit_tiny_mae(tmp_path / "kept", "checkpoint.keep_every_n_epochs=2")
+    assert files == ["epoch1-step2.ckpt", "last.ckpt"] and steps == [0, 1, 2]
+    assert torch.load(tmp_path / "kept" / "epoch1-step2.ckpt", weights_only=False)["global_step"] == 2
+    assert torch.load(tmp_path / "kept" / "last.ckpt", weights_only=False)["global_step"] == 3

@@ -1,5 +1,5 @@
 """Run directories that can be trusted: atomic checkpoints on any filesystem layout and no temp files left,
-only ``last.ckpt`` by default."""
+only ``last.ckpt`` by default, linear-probe checkpoints without the frozen encoder."""
 
 import os
 import shutil
@@ -11,6 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from mimzoo import evaluate as ev
+from mimzoo.eval.linear import LinearProbe
 from mimzoo.methods import MAE
 from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks
 from mimzoo.train import CONFIG_DIR
@@ -102,3 +104,48 @@ def test_only_last_ckpt_by_default_and_every_n_when_asked(tmp_path):
     assert files == ["epoch1-step2.ckpt", "last.ckpt"] and steps == [0, 1, 2]
     assert torch.load(tmp_path / "kept" / "epoch1-step2.ckpt", weights_only=False)["global_step"] == 2
     assert torch.load(tmp_path / "kept" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+# --- linear-probe checkpoints ------------------------------------------------------------------------
+@pytest.fixture
+def pretrained(tmp_path):
+    """A mimzoo checkpoint of a tiny MAE, written the way mimzoo-import writes one."""
+    torch.manual_seed(0)
+    model = MAE(**TINY_MAE)
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": L.__version__}
+    model.on_save_checkpoint(ckpt)
+    path = tmp_path / "pretrain" / "last.ckpt"
+    path.parent.mkdir()
+    torch.save(ckpt, path)
+    return path
+
+
+def test_linear_probe_checkpoint_holds_the_head_not_the_encoder(pretrained, tmp_path):
+    with initialize_config_dir(config_dir=ev.CONFIG_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=["protocol=linear", f"ckpt={pretrained}", "data=cifar10_mini",
+                                         "data.num_workers=0", "logger=csv", "trainer.accelerator=cpu",
+                                         "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
+                                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"])
+    run_dir = tmp_path / "linear"
+    ev.evaluate(cfg, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert not [k for k in saved["state_dict"] if k.startswith("backbone.")]
+    assert set(saved["state_dict"]) == {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked",
+                                        "head.1.weight", "head.1.bias"}
+    assert saved["linear_probe"]["backbone_ckpt"] == str(pretrained)
+    assert last.stat().st_size < pretrained.stat().st_size / 4
+    # Rebuilt from both files: the encoder of the pre-trained checkpoint, the trained head, the same outputs.
+    probe = LinearProbe.from_checkpoint(last).eval()
+    encoder = MAE.load_from_checkpoint(pretrained).state_dict()
+    assert all(torch.equal(v, encoder[k]) for k, v in probe.backbone.state_dict().items())
+    assert all(torch.equal(v, saved["state_dict"][f"head.{k}"]) for k, v in probe.head.state_dict().items())
+    images = torch.randn(4, 3, 32, 32)
+    assert probe(images).shape == (4, 10)
+    # A pre-trained checkpoint overwritten since (a longer run's last.ckpt) is refused, not silently used.
+    changed = torch.load(pretrained, weights_only=False)
+    changed["state_dict"]["encoder.cls_token"] += 1
+    torch.save(changed, pretrained)
+    with pytest.raises(ValueError, match="not the one the probe"):
+        LinearProbe.from_checkpoint(last)

@@ -2,7 +2,7 @@
 
 Each run writes into its own Hydra directory: the resolved config (``.hydra/``), ``results.json``,
 and for the trained protocols ``metrics.csv``, ``wandb/`` and ``checkpoints/`` (best by val/top1 and last,
-written atomically).
+written atomically; a linear probe's hold the head only, see :class:`LinearProbe`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -
 def run_linear(cfg, backbone, datamodule, run_dir) -> dict:
     with warnings.catch_warnings():  # Lightning warns of modules in eval mode: the frozen encoder, on purpose
         warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
-        return fit(cfg, LinearProbe(backbone, datamodule.num_classes, **recipe(cfg)), datamodule, run_dir)
+        # The probe's checkpoints name the pre-trained checkpoint instead of carrying a copy of the frozen encoder.
+        probe = LinearProbe(backbone, datamodule.num_classes, backbone_ckpt=str(resolve_ckpt(cfg)), **recipe(cfg))
+        return fit(cfg, probe, datamodule, run_dir)
 
 
 def run_finetune(cfg, backbone, datamodule, run_dir) -> dict:

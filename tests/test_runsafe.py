@@ -1,23 +1,31 @@
 """Run directories that can be trusted: atomic checkpoints on any filesystem layout and no temp files left,
-only ``last.ckpt`` by default, linear-probe checkpoints without the frozen encoder."""
+only ``last.ckpt`` by default, linear-probe checkpoints without the frozen encoder, one live run per directory."""
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from mimzoo import evaluate as ev
 from mimzoo.eval.linear import LinearProbe
 from mimzoo.methods import MAE
-from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks
+from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks, claim_run_dir, release_run_dir
+from mimzoo.runlock import RunDirRefused, RunLock
 from mimzoo.train import CONFIG_DIR
 
-from conftest import TINY, TINY_MAE
+from conftest import REPO, TINY, TINY_MAE
 
 
 def compose_train(*overrides):
@@ -70,6 +78,18 @@ def test_crash_mid_write_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path
     monkeypatch.setattr(torch, "save", real_save)
     assert os.listdir(target.parent) == ["last.ckpt"]
     assert torch.load(target)["epoch"] == 1  # the previous checkpoint, whole
+
+
+def test_temp_files_left_by_a_killed_write_are_removed_when_the_run_dir_is_claimed(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    stale = [ckpts / ".last.ckpt.mimzoo-tmp-12345", tmp_path / ".metrics.csv.mimzoo-tmp-99"]
+    kept = [ckpts / "last.ckpt", ckpts / "epoch3-step40.ckpt", tmp_path / "notes.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"x" * 10)
+    lock = claim_run_dir(OmegaConf.create({"ckpt_path": None}), tmp_path, "mimzoo-train")
+    release_run_dir(lock)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
 class LastAtEpochStart(L.Callback):
@@ -149,3 +169,74 @@ def test_linear_probe_checkpoint_holds_the_head_not_the_encoder(pretrained, tmp_
     torch.save(changed, pretrained)
     with pytest.raises(ValueError, match="not the one the probe"):
         LinearProbe.from_checkpoint(last)
+
+
+# --- one live run per directory -------------------------------------------------------------------------
+HOLDER = """
+import sys, time
+from pathlib import Path
+from mimzoo.runlock import RunLock
+RunLock(Path(sys.argv[1]), "holder").acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path, caplog):
+    holder = _hold(tmp_path)
+    try:
+        with pytest.raises(RunDirRefused) as refused:
+            RunLock(tmp_path, "mimzoo-train").acquire()
+        message = str(refused.value)
+        assert f"is in use by another live run (pid {holder.pid} on host {socket.gethostname()}" in message
+        assert "hydra.run.dir=<new dir>" in message and str(tmp_path / "mimzoo.lock") in message
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies without cleaning up: its lock file stays behind
+        holder.wait()
+    assert (tmp_path / "mimzoo.lock").exists()
+    with caplog.at_level("WARNING", logger="mimzoo"):
+        lock = RunLock(tmp_path, "mimzoo-train").acquire()
+    assert f"taking over the lock of a run that is no longer running (pid {holder.pid}" in caplog.text
+    assert yaml.safe_load((tmp_path / "mimzoo.lock").read_text())["pid"] == os.getpid()
+    assert RunLock(tmp_path, "mimzoo-train").acquire() is lock  # a sweep's next job in this process re-enters
+    lock.release()
+    assert not (tmp_path / "mimzoo.lock").exists()
+
+
+# --- end to end through mimzoo-train / mimzoo-eval ----------------------------------------------------------
+@pytest.mark.slow
+def test_second_run_in_a_live_run_dir_is_refused(tmp_path, cli):
+    """A real mimzoo-train holds the directory; a second mimzoo-train and a mimzoo-eval there are refused with
+    the holder's pid, and the holder's files are untouched; once it is killed, the next run takes over."""
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    first = subprocess.Popen([sys.executable, "-m", "mimzoo.train", *TINY, "trainer.max_epochs=100000", "logger=csv",
+                              "probe.knn.enabled=false", "recon.enabled=false", "trainer.limit_val_batches=0",
+                              f"hydra.run.dir={run}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 300
+        while not (run / "mimzoo.lock").exists() or f"pid: {first.pid}\n" not in (run / "mimzoo.lock").read_text():
+            assert first.poll() is None and time.time() < deadline, "the first run did not start"
+            time.sleep(0.5)
+        second = cli("train", *TINY, "trainer.max_steps=1", "logger=csv", "seed=1", f"hydra.run.dir={run}",
+                     expect_ok=False)
+        assert f"is in use by another live run (pid {first.pid} on host {socket.gethostname()}" in second.stderr
+        assert "Traceback" not in second.stderr and first.poll() is None  # the first run goes on
+        evaluation = cli("evaluate", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "logger=csv", f"hydra.run.dir={run}",
+                         expect_ok=False)
+        assert f"mimzoo-eval: error: {run} is in use by another live run (pid {first.pid}" in evaluation.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = cli("train", *TINY, "trainer.max_steps=1", "logger=csv", "probe.knn.enabled=false", "recon.enabled=false",
+                f"hydra.run.dir={run}")
+    assert f"taking over the lock of a run that is no longer running (pid {first.pid}" in third.stdout + third.stderr
+    assert not (run / "mimzoo.lock").exists()

@@ -1,8 +1,8 @@
 """``mimzoo-eval protocol=linear|finetune|knn ckpt=<mimzoo checkpoint>``: top-1 of a pre-trained encoder.
 
-Each run writes into its own Hydra directory: the resolved config (``.hydra/``), ``results.json``,
-and for the trained protocols ``metrics.csv``, ``wandb/`` and ``checkpoints/`` (best by val/top1 and last,
-written atomically; a linear probe's hold the head only, see :class:`LinearProbe`).
+Each run writes into its own Hydra directory (one live run at a time: ``mimzoo.lock``): the resolved config
+(``.hydra/``), ``results.json``, and for the trained protocols ``metrics.csv``, ``wandb/`` and ``checkpoints/``
+(best by val/top1 and last, written atomically; a linear probe's hold the head only, see :class:`LinearProbe`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from mimzoo.checkpoints import load_pretrained
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
-from mimzoo.rundir import AtomicCheckpointIO
+from mimzoo.rundir import AtomicCheckpointIO, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -110,6 +110,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     name = cfg.protocol.name
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    lock = claim_run_dir(cfg, run_dir, "mimzoo-eval")  # one live evaluation per run directory
     ckpt = resolve_ckpt(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -129,6 +130,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         out = run_dir / "results.json"
         out.write_text(json.dumps(results, indent=2))
         print(f"\nmimzoo-eval: {name} top-1 = {100 * results['top1']:.2f}% (ckpt {ckpt}, results in {out})")
+    release_run_dir(lock)
     return results
 
 

@@ -1,6 +1,10 @@
-"""Run-directory files written atomically: checkpoints (a Lightning ``CheckpointIO`` plugin) and anything
-else, through a temp file beside the target, renamed over it (``.<name>.mimzoo-tmp-<pid>``, only while a write
-is under way); and which checkpoints a run keeps.
+"""A run directory that can be trusted: one live run at a time (a lock) and checkpoints written atomically
+beside their target.
+
+What lands in a run directory besides Lightning's and Hydra's files:
+
+- ``mimzoo.lock``: pid, host, start time and command of the live run (:mod:`mimzoo.runlock`).
+- temp files ``.<name>.mimzoo-tmp-<pid>`` only while a write is under way.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
+
+from mimzoo.runlock import RunLock, launch_rank_zero
 
 log = logging.getLogger("mimzoo")
 
@@ -136,3 +142,21 @@ def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[ModelCheckpoin
                                          every_n_epochs=c.every_n_epochs, every_n_train_steps=c.every_n_train_steps,
                                          enable_version_counter=False))
     return callbacks
+
+
+# --- claiming a run directory ---------------------------------------------------------------------------
+def claim_run_dir(cfg: DictConfig, run_dir: Path, tool: str) -> RunLock | None:
+    """Before anything is built: lock ``run_dir`` (refused if a live run holds it) and remove temp files a killed
+    write left. Returns the lock (None on ranks > 0, which run inside the launching process's claim); release it
+    with :func:`release_run_dir`."""
+    if not launch_rank_zero():
+        return None
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir, tool).acquire()
+    clean_stale_temp_files(run_dir)
+    return lock
+
+
+def release_run_dir(lock: RunLock | None) -> None:
+    if lock is not None:
+        lock.release()

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from mimzoo.callbacks import ReconstructionPanels
 from mimzoo.data import primary_view
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
-from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks
+from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -73,6 +73,8 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> dict:
     """Run one pre-training job; returns the last logged metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # One live run per directory: a second launch here is refused before anything is built.
+    lock = claim_run_dir(cfg, run_dir, "mimzoo-train")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     model = build_model(cfg)
@@ -89,6 +91,7 @@ def train(cfg: DictConfig) -> dict:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a -m sweep starts its own W&B run
+    release_run_dir(lock)
     return metrics
 
 

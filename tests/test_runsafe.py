@@ -1,6 +1,8 @@
 """Run directories that can be trusted: atomic checkpoints on any filesystem layout and no temp files left,
-only ``last.ckpt`` by default, linear-probe checkpoints without the frozen encoder, one live run per directory."""
+only ``last.ckpt`` by default, linear-probe checkpoints without the frozen encoder, ``metrics.csv`` and the first
+overrides kept on resume, a resume that changes the experiment refused, one live run per directory."""
 
+import csv
 import os
 import shutil
 import signal
@@ -21,7 +23,8 @@ from omegaconf import OmegaConf
 from mimzoo import evaluate as ev
 from mimzoo.eval.linear import LinearProbe
 from mimzoo.methods import MAE
-from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks, claim_run_dir, release_run_dir
+from mimzoo.rundir import (AtomicCheckpointIO, HistoryCSVLogger, LastCheckpoint, MetricsHistory, RunRecord,
+                           checkpoint_callbacks, claim_run_dir, experiment_changes, release_run_dir)
 from mimzoo.runlock import RunDirRefused, RunLock
 from mimzoo.train import CONFIG_DIR
 
@@ -171,6 +174,118 @@ def test_linear_probe_checkpoint_holds_the_head_not_the_encoder(pretrained, tmp_
         LinearProbe.from_checkpoint(last)
 
 
+# --- metrics.csv kept on resume -----------------------------------------------------------------------
+def _rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_csv_history_appends_on_resume_and_never_deletes(tmp_path):
+    first = HistoryCSVLogger(str(tmp_path))
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.log_metrics({"train/loss": 0.9}, step=1)
+    first.save()
+    # A resume appends under the old header; a new column rewrites the file with every old row.
+    resumed = HistoryCSVLogger(str(tmp_path), resume=True)
+    resumed.log_metrics({"train/loss": 0.8}, step=2)
+    resumed.log_metrics({"val/loss": 0.7, "train/loss": 0.75}, step=3)
+    resumed.save()
+    header, rows = _rows(tmp_path / "metrics.csv")
+    assert header == ["step", "train/loss", "val/loss"]
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("0", "1.0", ""), ("1", "0.9", ""), ("2", "0.8", ""), ("3", "0.75", "0.7")]
+    # Rows logged after the checkpoint a resume starts from are dropped (the resume logs them again).
+    again = HistoryCSVLogger(str(tmp_path), resume=True)
+    again.experiment.keep_rows(3)
+    again.log_metrics({"train/loss": 0.5}, step=3)
+    again.save()
+    assert [r["step"] for r in _rows(tmp_path / "metrics.csv")[1]] == ["0", "1", "2", "3"]
+    assert _rows(tmp_path / "metrics.csv")[1][-1]["train/loss"] == "0.5"
+    # A fresh run in a directory that holds a metrics.csv moves it aside instead of deleting it.
+    fresh = HistoryCSVLogger(str(tmp_path))
+    fresh.log_metrics({"train/loss": 2.0}, step=0)
+    fresh.save()
+    aside = list(tmp_path.glob("metrics-*.csv"))
+    assert len(aside) == 1 and len(_rows(aside[0])[1]) == 4 and len(_rows(tmp_path / "metrics.csv")[1]) == 1
+
+
+def _fit_logged(run_dir: Path, epochs: int, ckpt_path=None):
+    from mimzoo.data import MIMDataModule
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2, limit_val_batches=1,
+                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                        logger=HistoryCSVLogger(str(run_dir), resume=ckpt_path is not None),
+                        callbacks=[LastCheckpoint(str(run_dir / "checkpoints")), MetricsHistory()],
+                        plugins=[AtomicCheckpointIO()])
+    trainer.fit(MAE(**TINY_MAE), datamodule=MIMDataModule("fake", batch_size=8, num_workers=0), ckpt_path=ckpt_path)
+
+
+def test_resume_keeps_the_rows_its_checkpoint_covers(tmp_path):
+    """Each checkpoint records how many metrics.csv rows it covers; rows a killed run logged after it are
+    dropped on resume (the resume logs those steps again), every earlier row is kept."""
+    _fit_logged(tmp_path, epochs=1)
+    header, first = _rows(tmp_path / "metrics.csv")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["callbacks"]["MetricsHistory"] == {"metrics_rows": len(first)}
+    with open(tmp_path / "metrics.csv", "a", newline="") as f:  # logged after the checkpoint, then killed
+        csv.DictWriter(f, fieldnames=header).writerows([{"step": "999", "train/loss": "9"}] * 2)
+    _fit_logged(tmp_path, epochs=2, ckpt_path=str(last))
+    _, rows = _rows(tmp_path / "metrics.csv")
+    assert rows[:len(first)] == first and len(rows) > len(first) and "999" not in {r["step"] for r in rows}
+
+
+# --- resumes that change the experiment ---------------------------------------------------------------
+def test_experiment_changes_are_the_guarded_keys():
+    old = {"model": {"decoder": {"dim": 32}}, "mask": {"ratio": 0.75}, "optim": {"blr": 1e-3}, "seed": 0,
+           "data": {"batch_size": 64, "num_workers": 2}, "trainer": {"max_epochs": 1, "devices": 1, "precision": "32"}}
+    new = {"model": {"decoder": {"dim": 64}, "head": {"dim": 8}}, "mask": {"ratio": 0.75}, "optim": {"blr": 2e-3},
+           "seed": 0, "data": {"batch_size": 64, "num_workers": 8},
+           "trainer": {"max_epochs": 5, "devices": 2, "precision": "bf16-mixed"}}
+    assert experiment_changes(old, new) == {"model.decoder.dim": (32, 64), "model.head.dim": ("<absent>", 8),
+                                            "optim.blr": (1e-3, 2e-3), "trainer.precision": ("32", "bf16-mixed")}
+
+
+def _launch(run_dir: Path, overrides: list[str], resume: bool):
+    """What Hydra does at each launch (rewrite .hydra/), then the record's check."""
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (hydra_dir / "config.yaml").write_text(f"launch: {overrides}\n")
+    return RunRecord(run_dir, "mimzoo-train").accept(compose_train(*overrides), resume=resume)
+
+
+def test_resume_record_refuses_changes_unless_allowed(tmp_path):
+    first = [*TINY, "trainer.max_epochs=1"]
+    _launch(tmp_path, first, resume=False)
+    resume = [*TINY, "ckpt_path=last", "trainer.max_epochs=5", "trainer.devices=1", "logger=csv"]
+    assert _launch(tmp_path, resume, resume=True) == {}
+    # Hydra rewrote overrides.yaml at the resume: the first launch's is back; config.yaml is the resume's.
+    assert yaml.safe_load((tmp_path / ".hydra" / "overrides.yaml").read_text()) == first
+    accepted_config = (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert "trainer.max_epochs=5" in accepted_config
+    with pytest.raises(RunDirRefused) as refused:
+        _launch(tmp_path, [*resume, "mask.ratio=0.5", "optim.blr=1e-3"], resume=True)
+    message = str(refused.value)
+    assert "mask.ratio: 0.75 -> 0.5" in message and "optim.blr: 0.00015 -> 0.001" in message
+    assert "resume_allow_changes=[mask.ratio,optim.blr]" in message
+    # A refused launch leaves .hydra/ as the accepted launches left it.
+    assert yaml.safe_load((tmp_path / ".hydra" / "overrides.yaml").read_text()) == first
+    assert (tmp_path / ".hydra" / "config.yaml").read_text() == accepted_config
+    with pytest.raises(RunDirRefused, match="optim.blr"):  # allowing one key does not allow the other
+        _launch(tmp_path, [*resume, "mask.ratio=0.5", "optim.blr=1e-3", "resume_allow_changes=[mask.ratio]"], True)
+    changes = _launch(tmp_path, [*resume, "mask.ratio=0.5", "optim.blr=1e-3", "resume_allow_changes=[mask,optim.blr]"],
+                      True)
+    assert set(changes) == {"mask.ratio", "optim.blr"}
+    launches = RunRecord(tmp_path, "mimzoo-train").launches()
+    assert len(launches) == 3 and launches[-1]["changes"]["mask.ratio"] == [0.75, 0.5]
+    # The accepted values are the new baseline: resuming with them again needs no allowance.
+    assert _launch(tmp_path, [*resume, "mask.ratio=0.5", "optim.blr=1e-3"], resume=True) == {}
+    with pytest.raises(RunDirRefused, match="seed: 0 -> 1"):  # the seed names the run: guarded too
+        _launch(tmp_path, [*resume, "mask.ratio=0.5", "optim.blr=1e-3", "seed=1"], resume=True)
+
+
 # --- one live run per directory -------------------------------------------------------------------------
 HOLDER = """
 import sys, time
@@ -211,6 +326,60 @@ def test_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path, caplog):
 
 
 # --- end to end through mimzoo-train / mimzoo-eval ----------------------------------------------------------
+SHORT = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+         "recon.enabled=false"]
+
+
+def _shape(rows):
+    """What a row is, whatever the values: its epoch, its step and which columns it fills."""
+    return [(r["epoch"], r["step"], tuple(sorted(k for k, v in r.items() if v and k != "step"))) for r in rows]
+
+
+@pytest.mark.slow
+def test_resume_keeps_history_and_refuses_a_changed_experiment(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    cli("train", *TINY, *SHORT, "trainer.max_epochs=1", f"hydra.run.dir={run}")
+    first_overrides = (run / ".hydra" / "overrides.yaml").read_text()
+    _, first_rows = _rows(run / "metrics.csv")
+    proc = cli("train", *TINY, *SHORT, "trainer.max_epochs=2", f"hydra.run.dir={run}", "ckpt_path=last")
+    assert "previous log files" not in proc.stderr.lower()
+    header, rows = _rows(run / "metrics.csv")
+    assert rows[:len(first_rows)] == first_rows and len(rows) > len(first_rows)
+    assert {r["epoch"] for r in rows} >= {"0", "1"}
+    # The same rows, in the same order, as a run of two epochs straight (values aside: exact resume is not this test's).
+    cli("train", *TINY, *SHORT, "trainer.max_epochs=2", "logger=csv", f"hydra.run.dir={straight}")
+    straight_header, straight_rows = _rows(straight / "metrics.csv")
+    assert header == straight_header and _shape(rows) == _shape(straight_rows)
+    # The first launch's overrides are kept, the resume is on record; one W&B run, continued; only last.ckpt.
+    assert (run / ".hydra" / "overrides.yaml").read_text() == first_overrides
+    launches = RunRecord(run, "mimzoo-train").launches()
+    assert [launch["resume"] for launch in launches] == [None, "last"]
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    wandb_runs = sorted(run.glob("wandb/offline-run-*"))
+    assert len(wandb_runs) == 2 and all((w / f"run-{run_id}.wandb").is_file() for w in wandb_runs)
+    assert os.listdir(run / "checkpoints") == ["last.ckpt"]
+    # A resume that changes the experiment: refused before anything is built, every difference listed.
+    changed = [o for o in TINY if not o.startswith("model.decoder.dim")] + ["model.decoder.dim=64", "mask.ratio=0.5"]
+    config_before = (run / ".hydra" / "config.yaml").read_text()
+    ckpt_before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    proc = cli("train", *changed, *SHORT, "trainer.max_epochs=3", f"hydra.run.dir={run}", "ckpt_path=last",
+               expect_ok=False)
+    assert "refusing to resume" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert "mask.ratio: 0.75 -> 0.5" in proc.stderr and "model.decoder.dim: 32 -> 64" in proc.stderr
+    assert "resume_allow_changes=[mask.ratio,model.decoder.dim]" in proc.stderr
+    assert "size mismatch" not in proc.stderr
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == ckpt_before
+    assert _rows(run / "metrics.csv")[1] == rows
+    assert (run / ".hydra" / "config.yaml").read_text() == config_before
+    assert (run / ".hydra" / "overrides.yaml").read_text() == first_overrides
+    # Allowed on purpose: the run goes on with the new mask ratio, and the record says so.
+    cli("train", *TINY, *SHORT, "mask.ratio=0.5", "resume_allow_changes=[mask.ratio]", "trainer.max_epochs=3",
+        f"hydra.run.dir={run}", "ckpt_path=last")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+    assert RunRecord(run, "mimzoo-train").launches()[-1]["changes"] == {"mask.ratio": [0.75, 0.5]}
+
+
 @pytest.mark.slow
 def test_second_run_in_a_live_run_dir_is_refused(tmp_path, cli):
     """A real mimzoo-train holds the directory; a second mimzoo-train and a mimzoo-eval there are refused with
@@ -226,10 +395,12 @@ def test_second_run_in_a_live_run_dir_is_refused(tmp_path, cli):
         while not (run / "mimzoo.lock").exists() or f"pid: {first.pid}\n" not in (run / "mimzoo.lock").read_text():
             assert first.poll() is None and time.time() < deadline, "the first run did not start"
             time.sleep(0.5)
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
         second = cli("train", *TINY, "trainer.max_steps=1", "logger=csv", "seed=1", f"hydra.run.dir={run}",
                      expect_ok=False)
         assert f"is in use by another live run (pid {first.pid} on host {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr and first.poll() is None  # the first run goes on
+        assert (run / ".hydra" / "overrides.yaml").read_text() == overrides
         evaluation = cli("evaluate", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "logger=csv", f"hydra.run.dir={run}",
                          expect_ok=False)
         assert f"mimzoo-eval: error: {run} is in use by another live run (pid {first.pid}" in evaluation.stderr

@@ -1,25 +1,38 @@
-"""A run directory that can be trusted: one live run at a time (a lock) and checkpoints written atomically
-beside their target.
+"""A run directory that can be trusted: one live run at a time (a lock), checkpoints written atomically
+beside their target, the history kept on resume (``metrics.csv`` rows, the first launch's overrides), and a
+resume that would change the experiment refused before anything is built.
 
 What lands in a run directory besides Lightning's and Hydra's files:
 
 - ``mimzoo.lock``: pid, host, start time and command of the live run (:mod:`mimzoo.runlock`).
+- ``.hydra/mimzoo/``: ``launches.yaml`` (every launch: time, host, overrides, the changes a resume was
+  allowed), ``resolved.yaml`` (the resolved config the checkpoints follow) and copies of Hydra's
+  ``config.yaml``/``hydra.yaml`` of the last accepted launch (put back when a launch is refused).
 - temp files ``.<name>.mimzoo-tmp-<pid>`` only while a write is under way.
 """
 
 from __future__ import annotations
 
+import csv
+import datetime
+import io
 import logging
 import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+import yaml
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mimzoo.runlock import RunLock, launch_rank_zero
+from mimzoo.runlock import RunDirRefused, RunLock, launch_rank_zero, now
 
 log = logging.getLogger("mimzoo")
 
@@ -144,16 +157,264 @@ def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[ModelCheckpoin
     return callbacks
 
 
+# --- metrics.csv: history kept on resume -------------------------------------------------------------
+class _HistoryWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that it never deletes ``metrics.csv``: a resume appends to it under the
+    existing header (new columns rewrite it, atomically, with every old row), a fresh run moves an old file
+    aside to ``metrics-<time>.csv``."""
+
+    def __init__(self, log_dir: str, resume: bool):
+        self.resume = resume
+        super().__init__(log_dir=log_dir)
+        self.rows = 0  # rows in metrics.csv, written or buffered
+        if resume and os.path.isfile(self.metrics_file_path):
+            header, rows = self._read()
+            self.metrics_keys = sorted(header)
+            self.rows = len(rows)
+            if header != self.metrics_keys:  # keep the sorted-header invariant Lightning's writer relies on
+                self._write(self.metrics_keys, rows)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv (and warns on any non-empty dir)
+        path = Path(self.metrics_file_path)
+        if not self.resume and path.is_file():
+            aside = path.with_name(f"metrics-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv")
+            os.replace(path, aside)
+            log.warning("mimzoo: %s holds a metrics.csv of an earlier run and this run is not a resume "
+                        "(no ckpt_path): moved it to %s", path.parent, aside.name)
+
+    def _read(self) -> tuple[list[str], list[dict]]:
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+    def _write(self, fieldnames: list[str], rows: list[dict]) -> None:
+        def write(f):
+            text = io.TextIOWrapper(f, newline="", encoding="utf-8")
+            writer = csv.DictWriter(text, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+            text.flush()
+            text.detach()
+
+        atomic_write(self.metrics_file_path, write)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        self._write(fieldnames, self._read()[1])
+
+    def log_metrics(self, metrics_dict, step=None) -> None:
+        super().log_metrics(metrics_dict, step)
+        self.rows += 1
+
+    def keep_rows(self, n: int) -> None:
+        """Keep the first ``n`` rows: those a checkpoint covers; later ones will be logged again by the resume."""
+        self.save()
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        header, rows = self._read()
+        if len(rows) > n:
+            self._write(header, rows[:n])
+            log.info("mimzoo: metrics.csv: kept the %d rows the checkpoint covers, dropped %d logged after it",
+                     n, len(rows) - n)
+        self.rows = min(n, len(rows))
+
+
+class HistoryCSVLogger(CSVLogger):
+    """``metrics.csv`` in the run directory, kept across resumes (see :class:`_HistoryWriter`)."""
+
+    def __init__(self, save_dir: str, resume: bool = False):
+        super().__init__(save_dir=save_dir, name="", version="")
+        self.resume = resume
+
+    @property
+    @rank_zero_experiment  # ranks > 0 get a dummy, as with Lightning's CSVLogger: only rank 0 touches the file
+    def experiment(self) -> _HistoryWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HistoryWriter(log_dir=self.log_dir, resume=self.resume)
+        return self._experiment
+
+
+class MetricsHistory(Callback):
+    """Stores in each checkpoint how many ``metrics.csv`` rows it covers (flushing them first), so that a resume
+    from it keeps exactly those rows: rows logged after the checkpoint by the interrupted run are logged again by
+    the resume, and are dropped instead of doubled."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._trainer = trainer
+
+    def _writer(self) -> _HistoryWriter | None:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.is_global_zero:
+            return None
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, HistoryCSVLogger)), None)
+        return logger.experiment if logger is not None else None
+
+    def state_dict(self) -> dict:
+        writer = self._writer()
+        if writer is None:
+            return {}
+        writer.save()
+        return {"metrics_rows": writer.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        writer = self._writer()
+        if writer is not None and "metrics_rows" in state_dict:
+            writer.keep_rows(int(state_dict["metrics_rows"]))
+
+
+# --- the first launch kept, resumes that change the experiment refused -------------------------------
+# Keys whose change on resume changes the experiment (prefixes: "model" is every model.* key) ...
+GUARDED = ("model", "mask", "optim", "data", "seed", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+           "trainer.gradient_clip_algorithm", "trainer.precision", "trainer.limit_train_batches")
+# ... except these, which change how the same experiment runs. Anything else (trainer.max_epochs/max_steps to
+# extend a run, trainer.devices, logger, checkpoint, recon, probe, compile) may change freely.
+NOT_GUARDED = ("data.num_workers", "data.download")
+ALLOW_KEY = "resume_allow_changes"
+MISSING = "<absent>"
+
+
+def _matches(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flatten(node, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+def experiment_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """``{key: (old, new)}`` for every guarded key whose resolved value differs (``<absent>`` on one side)."""
+    a, b = _flatten(old), _flatten(new)
+    changes = {}
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, MISSING), b.get(key, MISSING)
+        if va != vb and _matches(key, GUARDED) and not _matches(key, NOT_GUARDED):
+            changes[key] = (va, vb)
+    return changes
+
+
+def _allowed(cfg: DictConfig) -> bool | list[str]:
+    allow = cfg.get(ALLOW_KEY, False)
+    if isinstance(allow, (list, ListConfig)):
+        return [str(k) for k in allow]
+    if isinstance(allow, str):
+        return [allow]
+    return bool(allow)
+
+
+class RunRecord:
+    """``<run_dir>/.hydra/mimzoo/``: what this run was launched with (see the module docstring)."""
+
+    HYDRA_FILES = ("config.yaml", "hydra.yaml")
+
+    def __init__(self, run_dir: Path, tool: str):
+        self.run_dir = Path(run_dir)
+        self.hydra_dir = self.run_dir / ".hydra"
+        self.dir = self.hydra_dir / "mimzoo"
+        self.tool = tool
+
+    def _launch_overrides(self) -> list[str]:
+        """This launch's overrides: what Hydra has just written to ``.hydra/overrides.yaml`` (else its runtime)."""
+        path = self.hydra_dir / "overrides.yaml"
+        if path.is_file():
+            return [str(o) for o in yaml.safe_load(path.read_text()) or []]
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+    def launches(self) -> list[dict]:
+        path = self.dir / "launches.yaml"
+        return (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+
+    def restore_overrides(self) -> None:
+        """Put back the first launch's ``.hydra/overrides.yaml``, which Hydra rewrites at every launch."""
+        first = next(iter(self.launches()), None)
+        if first is not None and not first.get("resume"):
+            self._write_yaml(self.hydra_dir / "overrides.yaml", first["overrides"])
+
+    def restore_hydra_files(self) -> None:
+        """Undo what Hydra wrote for a refused launch: the first overrides, the last accepted config."""
+        self.restore_overrides()
+        for name in self.HYDRA_FILES:
+            if (self.dir / name).is_file():
+                shutil.copyfile(self.dir / name, self.hydra_dir / name)
+
+    def _write_yaml(self, path: Path, data) -> None:
+        atomic_write(path, lambda f: f.write(yaml.safe_dump(data, sort_keys=False).encode()))
+
+    def accept(self, cfg: DictConfig, resume: bool) -> dict[str, tuple]:
+        """Check a launch against the record and record it; refuses a resume that changes the experiment."""
+        overrides = self._launch_overrides()
+        try:
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # an interpolation only Hydra's runtime resolves: compare the values as written
+            resolved = OmegaConf.to_container(cfg, resolve=False)
+        changes: dict[str, tuple] = {}
+        baseline = self.dir / "resolved.yaml"
+        if resume and baseline.is_file():
+            changes = experiment_changes(yaml.safe_load(baseline.read_text()) or {}, resolved)
+            allow = _allowed(cfg)
+            refused = {} if allow is True else {k: v for k, v in changes.items()
+                                                 if not (allow and _matches(k, allow))}
+            if refused:
+                self.restore_hydra_files()
+                raise RunDirRefused(self._refusal(refused))
+            if changes:
+                log.warning("mimzoo: resuming with changes to the experiment, allowed by %s: %s", ALLOW_KEY,
+                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        elif resume and (self.run_dir / "checkpoints").is_dir():
+            log.warning("mimzoo: %s has no record of its first launch (started before mimzoo kept one): the "
+                        "overrides of this resume are not checked against it", self.run_dir)
+        launches = self.launches() if resume else []  # a fresh run in a used directory starts a new record
+        launches.append({"time": now(), "host": socket.gethostname(), "pid": os.getpid(), "tool": self.tool,
+                         "resume": cfg.get("ckpt_path") if resume else None, "overrides": overrides,
+                         "changes": {k: [a, b] for k, (a, b) in changes.items()}})
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_yaml(self.dir / "launches.yaml", launches)
+        self._write_yaml(baseline, resolved)
+        if resume:
+            self.restore_overrides()
+        for name in self.HYDRA_FILES:  # this launch's config is now the accepted one
+            if (self.hydra_dir / name).is_file():
+                shutil.copyfile(self.hydra_dir / name, self.dir / name)
+        return changes
+
+    def _refusal(self, refused: dict) -> str:
+        first = next(iter(self.launches()), {})
+        lines = [f"{self.tool}: error: refusing to resume {self.run_dir}: these overrides change the experiment "
+                 "its checkpoint was trained with:"]
+        lines += [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items()]
+        keys = ",".join(refused)
+        lines += [f"The run was launched with: {' '.join(first.get('overrides') or []) or '(no overrides)'} "
+                  f"(.hydra/overrides.yaml). Resume with the same values, start a new run in another directory, "
+                  f"or allow the change on purpose: {ALLOW_KEY}=[{keys}] (or {ALLOW_KEY}=true for any key)."]
+        return "\n".join(lines)
+
+
 # --- claiming a run directory ---------------------------------------------------------------------------
-def claim_run_dir(cfg: DictConfig, run_dir: Path, tool: str) -> RunLock | None:
-    """Before anything is built: lock ``run_dir`` (refused if a live run holds it) and remove temp files a killed
-    write left. Returns the lock (None on ranks > 0, which run inside the launching process's claim); release it
-    with :func:`release_run_dir`."""
+def claim_run_dir(cfg: DictConfig, run_dir: Path, tool: str, resume: bool = False) -> RunLock | None:
+    """Before anything is built: lock ``run_dir`` (refused if a live run holds it), remove temp files a killed
+    write left, and check and record this launch (:class:`RunRecord`). Returns the lock (None on ranks > 0,
+    which run inside the launching process's claim); release it with :func:`release_run_dir`."""
     if not launch_rank_zero():
         return None
     run_dir = Path(run_dir)
-    lock = RunLock(run_dir, tool).acquire()
-    clean_stale_temp_files(run_dir)
+    record = RunRecord(run_dir, tool)
+    try:
+        lock = RunLock(run_dir, tool).acquire()
+    except RunDirRefused:
+        record.restore_hydra_files()
+        raise
+    try:
+        clean_stale_temp_files(run_dir)
+        record.accept(cfg, resume)
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 

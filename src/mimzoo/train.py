@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from mimzoo.callbacks import ReconstructionPanels
 from mimzoo.data import primary_view
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
-from mimzoo.rundir import AtomicCheckpointIO, checkpoint_callbacks, claim_run_dir, release_run_dir
+from mimzoo.rundir import AtomicCheckpointIO, MetricsHistory, checkpoint_callbacks, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -42,6 +42,7 @@ def build_datamodule(cfg: DictConfig, model):
 def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
     callbacks = [
         *checkpoint_callbacks(cfg, run_dir / "checkpoints"),  # last.ckpt, plus kept ones when checkpoint.keep_* ask
+        MetricsHistory(),  # a resume keeps the metrics.csv rows its checkpoint covers
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
     ]
@@ -73,8 +74,8 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> dict:
     """Run one pre-training job; returns the last logged metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    # One live run per directory: a second launch here is refused before anything is built.
-    lock = claim_run_dir(cfg, run_dir, "mimzoo-train")
+    # One live run per directory; a resume that changes the experiment is refused here, before anything is built.
+    lock = claim_run_dir(cfg, run_dir, "mimzoo-train", resume=cfg.ckpt_path is not None)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     model = build_model(cfg)

@@ -1,7 +1,8 @@
 """``mimzoo-eval protocol=linear|finetune|knn ckpt=<mimzoo checkpoint>``: top-1 of a pre-trained encoder.
 
-Each run writes into its own Hydra directory: the resolved config (``.hydra/``), ``results.json``,
-and for the trained protocols ``metrics.csv``, ``wandb/`` and ``checkpoints/`` (best by val/top1 and last).
+Each run writes into its own Hydra directory (one live run at a time: ``mimzoo.lock``): the resolved config
+(``.hydra/``), ``results.json``, and for the trained protocols ``metrics.csv``, ``wandb/`` and ``checkpoints/``
+(best by val/top1 and last, written atomically; a linear probe's hold the head only, see :class:`LinearProbe`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mimzoo.checkpoints import load_pretrained
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
+from mimzoo.rundir import AtomicCheckpointIO, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -61,7 +63,8 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), monitor="val/top1", mode="max",
                                  save_last=True, enable_version_counter=False)
     trainer = instantiate(cfg.trainer, callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
-                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
+                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
+                          plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     best = checkpoint.best_model_score
@@ -73,7 +76,9 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -
 def run_linear(cfg, backbone, datamodule, run_dir) -> dict:
     with warnings.catch_warnings():  # Lightning warns of modules in eval mode: the frozen encoder, on purpose
         warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
-        return fit(cfg, LinearProbe(backbone, datamodule.num_classes, **recipe(cfg)), datamodule, run_dir)
+        # The probe's checkpoints name the pre-trained checkpoint instead of carrying a copy of the frozen encoder.
+        probe = LinearProbe(backbone, datamodule.num_classes, backbone_ckpt=str(resolve_ckpt(cfg)), **recipe(cfg))
+        return fit(cfg, probe, datamodule, run_dir)
 
 
 def run_finetune(cfg, backbone, datamodule, run_dir) -> dict:
@@ -105,6 +110,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     name = cfg.protocol.name
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    lock = claim_run_dir(cfg, run_dir, "mimzoo-eval")  # one live evaluation per run directory
     ckpt = resolve_ckpt(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -124,6 +130,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         out = run_dir / "results.json"
         out.write_text(json.dumps(results, indent=2))
         print(f"\nmimzoo-eval: {name} top-1 = {100 * results['top1']:.2f}% (ckpt {ckpt}, results in {out})")
+    release_run_dir(lock)
     return results
 
 

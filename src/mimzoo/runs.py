@@ -9,8 +9,10 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
+
+from mimzoo.rundir import HistoryCSVLogger
 
 # The Hydra configs ship inside the package (mimzoo/conf), so a non-editable install finds them too.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -30,8 +32,9 @@ def wandb_mode(requested: str) -> str:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    """``metrics.csv`` in ``run_dir``, and a W&B run (resumed with the run directory) when ``logger.wandb`` is on."""
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    """``metrics.csv`` in ``run_dir`` (a resume, ``ckpt_path`` set, appends to it), and a W&B run (the same run,
+    continued, when the run directory is resumed) when ``logger.wandb`` is on."""
+    loggers = [HistoryCSVLogger(save_dir=str(run_dir), resume=cfg.get("ckpt_path") is not None)]
     wb = cfg.logger.wandb
     if wb.enabled:
         hc = HydraConfig.get()

@@ -14,13 +14,14 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mimzoo.callbacks import ReconstructionPanels
 from mimzoo.data import primary_view
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
+from mimzoo.rundir import AtomicCheckpointIO, MetricsHistory, checkpoint_callbacks, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -40,9 +41,8 @@ def build_datamodule(cfg: DictConfig, model):
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
     callbacks = [
-        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=cfg.checkpoint.save_top_k,
-                        monitor=cfg.checkpoint.monitor, every_n_epochs=cfg.checkpoint.every_n_epochs,
-                        every_n_train_steps=cfg.checkpoint.every_n_train_steps, enable_version_counter=False),
+        *checkpoint_callbacks(cfg, run_dir / "checkpoints"),  # last.ckpt, plus kept ones when checkpoint.keep_* ask
+        MetricsHistory(),  # a resume keeps the metrics.csv rows its checkpoint covers
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
     ]
@@ -74,13 +74,16 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> dict:
     """Run one pre-training job; returns the last logged metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # One live run per directory; a resume that changes the experiment is refused here, before anything is built.
+    lock = claim_run_dir(cfg, run_dir, "mimzoo-train", resume=cfg.ckpt_path is not None)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     model = build_model(cfg)
     datamodule = build_datamodule(cfg, model)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir, model),
-                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
+                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
+                          plugins=[AtomicCheckpointIO()])
     fit_model = torch.compile(model) if cfg.compile else model
     trainer.fit(fit_model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -89,6 +92,7 @@ def train(cfg: DictConfig) -> dict:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a -m sweep starts its own W&B run
+    release_run_dir(lock)
     return metrics
 
 

@@ -3,6 +3,9 @@ affine parameters and a linear layer trained with LARS (blr 0.1, warm-up + cosin
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from timm.optim import Lars
@@ -28,12 +31,27 @@ class Classifier(StepScheduledModule):
         self.log("val/top1", self.val_top1, prog_bar=True)
 
 
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a state dict (names, dtypes, shapes, bytes): whether two modules hold the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class LinearProbe(Classifier):
     """``backbone`` is a pre-trained mimzoo method module; it stays frozen and in eval mode, and only
-    the head is handed to the optimiser."""
+    the head is handed to the optimiser.
+
+    Its checkpoints hold the head, not a second copy of the frozen encoder: they name the pre-trained
+    checkpoint (``backbone_ckpt``) and the digest of its weights instead. :meth:`from_checkpoint` rebuilds
+    the probe from both files (and refuses a pre-trained checkpoint whose weights have changed since)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, blr: float = 0.1, lr: float | None = None,
-                 momentum: float = 0.9, weight_decay: float = 0.0, warmup_epochs: float = 10, min_lr: float = 0.0):
+                 momentum: float = 0.9, weight_decay: float = 0.0, warmup_epochs: float = 10, min_lr: float = 0.0,
+                 backbone_ckpt: str | None = None):
         super().__init__(num_classes)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone.requires_grad_(False).eval()
@@ -43,6 +61,44 @@ class LinearProbe(Classifier):
         nn.init.trunc_normal_(linear.weight, std=0.01)
         nn.init.zeros_(linear.bias)
         self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+        self._backbone_digest: str | None = None  # the encoder is frozen: computed once, at the first save
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop the frozen encoder's weights; keep where they come from and their digest."""
+        if self._backbone_digest is None:
+            self._backbone_digest = state_digest(self.backbone)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("backbone.")]:
+            del state[key]
+        checkpoint["linear_probe"] = {"backbone_ckpt": self.hparams.backbone_ckpt,
+                                      "backbone_sha256": self._backbone_digest}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A head-only checkpoint loads onto this probe's encoder (the one it was built with)."""
+        state = checkpoint["state_dict"]
+        if not any(k.startswith("backbone.") for k in state):
+            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+
+    @classmethod
+    def from_checkpoint(cls, path, backbone: nn.Module | str | Path | None = None,
+                        map_location="cpu") -> "LinearProbe":
+        """The probe of a checkpoint written while training it. The encoder comes from ``backbone`` (a module
+        or a mimzoo checkpoint path), by default from the pre-trained checkpoint the probe was trained on; it
+        must hold the same weights as then."""
+        from mimzoo.checkpoints import load_pretrained
+
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        meta = ckpt.get("linear_probe") or {}
+        source = backbone if backbone is not None else meta.get("backbone_ckpt")
+        if source is None:
+            raise ValueError(f"{path} names no pre-trained checkpoint; pass backbone=<mimzoo checkpoint or module>")
+        module = source if isinstance(source, nn.Module) else load_pretrained(source, map_location=map_location)
+        expected = meta.get("backbone_sha256")
+        if expected and state_digest(module) != expected:
+            raise ValueError(f"the encoder from {source} is not the one the probe {path} was trained on (its weights "
+                             "changed since: was that checkpoint overwritten by a longer run?); pass backbone= the "
+                             "pre-trained checkpoint the probe was trained on")
+        return cls.load_from_checkpoint(path, map_location=map_location, backbone=module)
 
     def train(self, mode: bool = True):
         """Lightning puts the whole module in train mode; the encoder must stay in eval mode

@@ -7,7 +7,6 @@ and for the trained protocols ``metrics.csv``, ``wandb/`` and ``checkpoints/`` (
 from __future__ import annotations
 
 import json
-import pickle
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
 from mimzoo.checkpoints import load_pretrained
+from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, silence_unactionable_warnings
+from mimzoo.errors import ConfigError, MissingFileError, user_errors
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
@@ -33,20 +34,17 @@ def resolve_ckpt(cfg: DictConfig) -> Path:
     """The checkpoint to evaluate, with an error that says what to pass when it is missing."""
     hint = "pass ckpt=<mimzoo checkpoint>, e.g. ckpt=runs/<date>/<time>/checkpoints/last.ckpt"
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
-        raise ValueError(f"mimzoo-eval needs a checkpoint: {hint}")
+        raise ConfigError(f"mimzoo-eval needs a checkpoint: {hint}")
     path = Path(str(cfg.ckpt)).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt={cfg.ckpt} is not a file; {hint}")
+        raise MissingFileError(f"ckpt={cfg.ckpt} is not a file; {hint}")
     return path
 
 
 def load_backbone(path: Path):
-    """:func:`load_pretrained`, with unreadable files reported as such (not as an unpickling trace)."""
-    try:
-        return load_pretrained(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({err}); pass a mimzoo checkpoint "
-                         "written by mimzoo-train or mimzoo-import") from err
+    """:func:`load_pretrained` for evaluation: unreadable files, checkpoints of other kinds (a probe's, a
+    fine-tune's) and stages without an encoder (the dVAE) are refused with what to pass instead."""
+    return load_pretrained(path, purpose="evaluate")
 
 
 def recipe(cfg: DictConfig) -> dict:
@@ -104,14 +102,15 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Run ``cfg.protocol`` on ``cfg.ckpt``; writes ``results.json`` into ``run_dir`` and returns it."""
     name = cfg.protocol.name
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    check_cpu_devices(cfg.trainer)
     ckpt = resolve_ckpt(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     backbone = load_backbone(ckpt)
     size = (cfg.data.image_size,) * 2
     if tuple(backbone.image_size) != size:
-        raise ValueError(f"{ckpt} was pre-trained on {tuple(backbone.image_size)} images but data.image_size="
+        raise ConfigError(f"{ckpt} was pre-trained on {tuple(backbone.image_size)} images but data.image_size="
                          f"{cfg.data.image_size}; set data.image_size={backbone.image_size[0]}")
     datamodule = instantiate(cfg.data)
     # Lightning logs the data's and the module's hparams together: both must name the same num_classes.
@@ -128,8 +127,18 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    return evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))["top1"]
+def hydra_main(cfg: DictConfig) -> float:
+    route_logs_to_job_log()
+    with user_errors("mimzoo-eval"):
+        return evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))["top1"]
+
+
+def main():
+    """``mimzoo-eval``: Hydra's command line, with ``ckpt=`` paths holding ``=`` quoted for it and bad input
+    reported as one line (exit code 2)."""
+    prepare_argv("mimzoo-eval")
+    silence_unactionable_warnings()
+    return hydra_main()
 
 
 if __name__ == "__main__":

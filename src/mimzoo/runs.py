@@ -10,6 +10,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 # The Hydra configs ship inside the package (mimzoo/conf), so a non-editable install finds them too.
@@ -29,9 +31,41 @@ def wandb_mode(requested: str) -> str:
         return "offline"
 
 
+class _RunDirWriter(ExperimentWriter):
+    """Lightning's CSV writer warns that "previous log files will be deleted" whenever its folder is not empty;
+    a run dir always holds ``.hydra/`` (and the job log) before the first row, so only an existing
+    ``metrics.csv`` is worth that."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            super()._check_log_dir_exists()
+
+
+class RunCSVLogger(CSVLogger):
+    """``metrics.csv`` in the run dir, through :class:`_RunDirWriter`."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _RunDirWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def _wandb_settings(mode: str):
+    """W&B's own console lines are off: the run summary names the W&B run (its URL, or the offline folder and
+    `wandb sync`). Online, ``quiet`` drops the version line and the run history and keeps W&B's warnings; an
+    offline run prints its header ("syncing is set to offline", where the data is, a `wandb leet` tip) unless
+    ``silent``, so offline runs are silent."""
+    import wandb
+
+    return wandb.Settings(silent=True) if mode == "offline" else wandb.Settings(quiet=True)
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     """``metrics.csv`` in ``run_dir``, and a W&B run (resumed with the run directory) when ``logger.wandb`` is on."""
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers = [RunCSVLogger(save_dir=str(run_dir), name="", version="")]
     wb = cfg.logger.wandb
     if wb.enabled:
         hc = HydraConfig.get()
@@ -42,8 +76,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         if not id_file.exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
             id_file.write_text(uuid.uuid4().hex[:8])
         run_id = id_file.read_text().strip() if id_file.exists() else None
+        mode = wandb_mode(wb.mode)
         logger = WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name, tags=list(wb.tags),
-                             save_dir=str(run_dir), mode=wandb_mode(wb.mode), id=run_id, resume="allow",
-                             config=OmegaConf.to_container(cfg, resolve=True))
+                             save_dir=str(run_dir), mode=mode, id=run_id, resume="allow",
+                             config=OmegaConf.to_container(cfg, resolve=True), settings=_wandb_settings(mode))
+        # Lightning always hands wandb.init ``anonymous`` (None here), a setting wandb>=0.19 deprecates with a
+        # warning whatever its value; nothing else reads it.
+        logger._wandb_init.pop("anonymous", None)
         loggers.append(logger)
     return loggers

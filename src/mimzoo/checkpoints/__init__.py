@@ -22,23 +22,66 @@ import lightning
 import torch
 from omegaconf import OmegaConf
 
-from mimzoo.checkpoints.convert import read_official
+from mimzoo.checkpoints.convert import exported_kwargs, read_official
+from mimzoo.errors import CheckpointError, MissingFileError, user_errors
 
 
-def load_pretrained(path, map_location="cpu"):
-    """Rebuild the method module a mimzoo checkpoint was written by (``last.ckpt`` or any epoch)."""
+def read_checkpoint(path, mmap: bool = False) -> dict:
+    """``torch.load`` of a checkpoint file, with a missing, empty or unreadable file reported as such
+    (``mmap``: tensors stay on disk, for a cheap check that the file is whole)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the save that wrote it was cut short; use another "
+                              "checkpoint of that run")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file, whatever their type
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(err)}): it is truncated or "
+                              "not a checkpoint; pass a mimzoo checkpoint written by mimzoo-train or mimzoo-import") from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def _not_a_pretraining_checkpoint(path: Path, ckpt) -> str:
+    """What a checkpoint without the 'mimzoo' entry is, and what to pass instead."""
+    hp = ckpt.get("hyper_parameters") or {} if isinstance(ckpt, dict) else {}
+    protocol = "fine-tune" if "timm_kwargs" in hp else "linear-probe" if {"num_classes", "momentum"} <= set(hp) else None
+    if protocol:
+        results = path.parent.parent / "results.json"  # mimzoo-eval's run dir: checkpoints/ and results.json
+        source = None
+        if results.is_file():
+            try:
+                source = json.loads(results.read_text()).get("ckpt")
+            except (OSError, ValueError):
+                pass
+        instead = f"ckpt={source}" if source else "the pre-training checkpoint it was trained on (its results.json: 'ckpt')"
+        return (f"{path} is a {protocol} checkpoint written by mimzoo-eval (a classifier), not a pre-training "
+                f"checkpoint: pass {instead}")
+    return (f"{path} is not a mimzoo checkpoint (no 'mimzoo' entry). For an official checkpoint use "
+            f"`mimzoo-import <method> {path} out.ckpt` or mimzoo.load_official(<method>, path)")
+
+
+def load_pretrained(path, map_location="cpu", purpose: str | None = None):
+    """Rebuild the method module a mimzoo checkpoint was written by (``last.ckpt`` or any epoch).
+
+    ``purpose`` (e.g. ``"evaluate"``, ``"export"``) asks for a module with an encoder to use: a stage without
+    one (the dVAE tokenizer, ``has_features = False``) is then refused with what to do instead."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
     meta = ckpt.get("mimzoo") if isinstance(ckpt, dict) else None
     if not meta:
-        raise ValueError(
-            f"{path} is not a mimzoo checkpoint (no 'mimzoo' entry). For an official checkpoint use "
-            f"`mimzoo-import <method> {path} out.ckpt` or mimzoo.load_official(<method>, path)"
-        )
+        raise CheckpointError(_not_a_pretraining_checkpoint(path, ckpt))
     module_name, cls_name = meta["method"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
+    if purpose and not getattr(cls, "has_features", True):
+        raise CheckpointError(
+            f"{path} is a {cls_name} checkpoint, a tokenizer stage with no encoder to {purpose}: train BEiT on it "
+            f"(mimzoo-train model=beit model.tokenizer.ckpt={path}) and {purpose} that run's checkpoint")
     model = cls(**ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
     return model
@@ -46,8 +89,10 @@ def load_pretrained(path, map_location="cpu"):
 
 def export_encoder(ckpt_path, out_path) -> dict:
     """Write the encoder of a mimzoo checkpoint as a plain timm ViT state dict (``out_path``) and the
-    ``timm.create_model`` keyword arguments beside it (``out_path`` + ``.json``); returns the kwargs."""
-    model = load_pretrained(ckpt_path)
+    ``timm.create_model`` keyword arguments beside it (``out_path`` + ``.json``); returns the kwargs.
+    The kwargs hold what the weights cannot tell (``num_heads``...): :func:`load_exported` and
+    ``mimzoo-import <method> <out_path>`` read them back."""
+    model = load_pretrained(ckpt_path, purpose="export")
     kwargs, state_dict = model.export_timm()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,13 +101,30 @@ def export_encoder(ckpt_path, out_path) -> dict:
     return kwargs
 
 
+def load_exported(path):
+    """The timm model of a :func:`export_encoder` file (``vit.pth``, with ``vit.pth.json`` beside it), weights
+    loaded strictly."""
+    import timm
+
+    import mimzoo.nn  # noqa: F401 - registers convmae_convvit with timm
+
+    kwargs = exported_kwargs(path)
+    if kwargs is None:
+        raise MissingFileError(f"{path}.json is missing: mimzoo-export writes it beside {path} with the timm.create_model "
+                               "arguments (head count...) the weights cannot tell; export again or copy it along")
+    model = timm.create_model(**kwargs)
+    model.load_state_dict(read_official(path), strict=True)
+    return model
+
+
 def export_main(argv=None):
     """``mimzoo-export <ckpt> <out>``."""
     parser = argparse.ArgumentParser(prog="mimzoo-export", description="Export a mimzoo encoder as a timm ViT state dict.")
     parser.add_argument("ckpt", help="mimzoo checkpoint (e.g. runs/.../checkpoints/last.ckpt)")
     parser.add_argument("out", help="output .pth (timm state dict); kwargs go to <out>.json")
     args = parser.parse_args(argv)
-    kwargs = export_encoder(args.ckpt, args.out)
+    with user_errors("mimzoo-export"):
+        kwargs = export_encoder(args.ckpt, args.out)
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     print(f"wrote {args.out} and {args.out}.json; load it with:\n"
           f"  model = timm.create_model({call})\n"
@@ -144,8 +206,9 @@ def import_main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))
-    try:
-        out = import_official(args.method, args.src, args.out, **overrides)
-    except (FileNotFoundError, ValueError, TypeError) as e:  # a user's mistake: the message, not a traceback
-        raise SystemExit(f"mimzoo-import: error: {e}")
+    with user_errors("mimzoo-import"):
+        try:
+            out = import_official(args.method, args.src, args.out, **overrides)
+        except (FileNotFoundError, ValueError, TypeError) as e:  # a user's mistake: the message, not a traceback
+            raise CheckpointError(str(e)) from e
     print(f"wrote {out}; load it with mimzoo.load_pretrained({str(out)!r}) or export it with mimzoo-export")

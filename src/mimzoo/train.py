@@ -85,14 +85,14 @@ def check_resume_checkpoint(ckpt_path: str | None) -> None:
     if ckpt_path is None:
         return
     path = Path(ckpt_path)
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path and p.stat().st_size > 0),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    instead = (f"resume from another checkpoint of this run, e.g. ckpt_path={others[0]}" if others else
+               f"no other checkpoint is in {path.parent}: start afresh in a new run directory")
     try:
-        read_checkpoint(path, mmap=True)
+        read_checkpoint(path, mmap=True, fix=f"it was left as it is; {instead}")
     except CheckpointError as err:
-        others = sorted((p for p in path.parent.glob("*.ckpt") if p != path and p.stat().st_size > 0),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
-        instead = (f"resume from another checkpoint of this run, e.g. ckpt_path={others[0]}" if others else
-                   f"no other checkpoint is in {path.parent}; start afresh in a new run directory")
-        raise CheckpointError(f"cannot resume: {err}. It was left as it is; {instead}") from err
+        raise CheckpointError(f"cannot resume: {err}") from err
 
 
 def train(cfg: DictConfig) -> dict:

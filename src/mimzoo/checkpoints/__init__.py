@@ -26,25 +26,26 @@ from mimzoo.checkpoints.convert import exported_kwargs, read_official
 from mimzoo.errors import CheckpointError, MissingFileError, user_errors
 
 
-def read_checkpoint(path, mmap: bool = False) -> dict:
-    """``torch.load`` of a checkpoint file, with a missing, empty or unreadable file reported as such
-    (``mmap``: tensors stay on disk, for a cheap check that the file is whole)."""
+def read_checkpoint(path, mmap: bool = False,
+                    fix: str = "pass a mimzoo checkpoint written by mimzoo-train or mimzoo-import") -> dict:
+    """``torch.load`` of a checkpoint file, with a missing, empty or unreadable file reported as such, ending in
+    ``fix`` (``mmap``: tensors stay on disk, for a cheap check that the file is whole)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): the save that wrote it was cut short; use another "
-                              "checkpoint of that run")
+        raise CheckpointError(f"{path} is empty (0 bytes), a save cut short; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file, whatever their type
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(err)}): it is truncated or "
-                              "not a checkpoint; pass a mimzoo checkpoint written by mimzoo-train or mimzoo-import") from err
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({first_sentence(err)}): it is truncated or "
+                              f"not a checkpoint; {fix}") from err
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:200]
+def first_sentence(err: BaseException) -> str:
+    """``Type: first sentence of the message`` (torch's load errors run to paragraphs)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text.split('. ')[0]}"[:160]
 
 
 def _not_a_pretraining_checkpoint(path: Path, ckpt) -> str:

@@ -32,8 +32,8 @@ def read_official(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in pickle or zip, whatever the type
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {first[:160]}): "
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {first[:140]}): "
                               "it is truncated or not a checkpoint; download or copy it again") from err
     if isinstance(ckpt, dict) and "mimzoo" in ckpt:
         raise ValueError(f"{path} is already a mimzoo checkpoint; load it with mimzoo.load_pretrained")

@@ -117,7 +117,8 @@ def test_corrupt_cifar_pickle_names_the_file_and_the_fix(tmp_path, damage):
 
 def test_corrupt_cifar_pickle_through_mimzoo_train(tmp_path, capsys):
     batch = cifar_copy(tmp_path, "truncated")
-    code = run_main(tr.main, "mimzoo-train", *TINY, *QUICK, f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
+    code = run_main(tr.main, "mimzoo-train", *TINY, *QUICK, f"data.root={tmp_path}",
+                    f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and f"{batch} is not a readable cifar10-mini batch" in error_line(capsys, "mimzoo-train")
 
 
@@ -307,6 +308,13 @@ def test_batch_larger_than_the_data(tmp_path, capsys):
     assert ("mimzoo-train: error: data.batch_size=1024 is larger than the 512 training images of cifar10-mini, so no "
             "full batch is left: set data.batch_size=512 or less") in captured.err
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_summary_names_no_checkpoint_that_does_not_exist(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    tr.summarize(tmp_path, SimpleNamespace(loggers=[]), {})
+    assert "mimzoo: checkpoint      none written" in capsys.readouterr().out
 
 
 def test_more_cpu_processes_than_cores(tmp_path, capsys):

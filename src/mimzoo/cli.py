@@ -90,7 +90,8 @@ def check_cpu_devices(trainer_cfg) -> None:
     cores = available_cores()
     if count is not None and count > cores:
         raise ConfigError(f"trainer.devices={devices} starts {count} CPU training processes but this machine gives "
-                          f"the run {cores} core(s): set trainer.devices={cores} or less (on CPU each device is a process)")
+                          f"the run {cores} core(s): set trainer.devices={cores} or less "
+                          "(on CPU each device is a process)")
 
 
 def route_logs_to_job_log() -> None:
@@ -128,7 +129,7 @@ def silence_unactionable_warnings() -> None:
     # timm's cosine scheduler notes "will have no effect ... t_initial = t_mul = eta_mul = 1" when the cosine part
     # is one step long, i.e. warm-up fills the run (any run shorter than optim.warmup_epochs): mimzoo sets no cycle
     # parameters, so the note names nothing a user can change.
-    logging.getLogger("timm.scheduler.cosine_lr").addFilter(lambda record: "will have no effect" not in record.getMessage())
+    logging.getLogger("timm.scheduler.cosine_lr").addFilter(lambda rec: "will have no effect" not in rec.getMessage())
 
 
 def _drop_tips(record: logging.LogRecord) -> bool:

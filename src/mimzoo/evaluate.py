@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
+from mimzoo.callbacks import LogIntervalFit
 from mimzoo.checkpoints import load_pretrained
 from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, silence_unactionable_warnings
 from mimzoo.errors import ConfigError, MissingFileError, user_errors
@@ -58,7 +59,8 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -
     """Train the probe or classifier, then report val top-1 of the final weights."""
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), monitor="val/top1", mode="max",
                                  save_last=True, enable_version_counter=False)
-    trainer = instantiate(cfg.trainer, callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), LogIntervalFit()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks,
                           logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]

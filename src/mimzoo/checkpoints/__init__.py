@@ -51,7 +51,8 @@ def first_sentence(err: BaseException) -> str:
 def _not_a_pretraining_checkpoint(path: Path, ckpt) -> str:
     """What a checkpoint without the 'mimzoo' entry is, and what to pass instead."""
     hp = ckpt.get("hyper_parameters") or {} if isinstance(ckpt, dict) else {}
-    protocol = "fine-tune" if "timm_kwargs" in hp else "linear-probe" if {"num_classes", "momentum"} <= set(hp) else None
+    linear = {"num_classes", "momentum"} <= set(hp)
+    protocol = "fine-tune" if "timm_kwargs" in hp else "linear-probe" if linear else None
     if protocol:
         results = path.parent.parent / "results.json"  # mimzoo-eval's run dir: checkpoints/ and results.json
         source = None
@@ -60,7 +61,8 @@ def _not_a_pretraining_checkpoint(path: Path, ckpt) -> str:
                 source = json.loads(results.read_text()).get("ckpt")
             except (OSError, ValueError):
                 pass
-        instead = f"ckpt={source}" if source else "the pre-training checkpoint it was trained on (its results.json: 'ckpt')"
+        instead = (f"ckpt={source}" if source else
+                   "the pre-training checkpoint it was trained on (its results.json: 'ckpt')")
         return (f"{path} is a {protocol} checkpoint written by mimzoo-eval (a classifier), not a pre-training "
                 f"checkpoint: pass {instead}")
     return (f"{path} is not a mimzoo checkpoint (no 'mimzoo' entry). For an official checkpoint use "
@@ -111,8 +113,9 @@ def load_exported(path):
 
     kwargs = exported_kwargs(path)
     if kwargs is None:
-        raise MissingFileError(f"{path}.json is missing: mimzoo-export writes it beside {path} with the timm.create_model "
-                               "arguments (head count...) the weights cannot tell; export again or copy it along")
+        raise MissingFileError(f"{path}.json is missing: mimzoo-export writes it beside {path} with the "
+                               "timm.create_model arguments (head count...) the weights cannot tell; export again "
+                               "or copy it along")
     model = timm.create_model(**kwargs)
     model.load_state_dict(read_official(path), strict=True)
     return model

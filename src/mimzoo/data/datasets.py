@@ -118,7 +118,8 @@ class ImageFolder(tvd.ImageFolder):
                 if path not in self.skipped:
                     self.skipped.add(path)
                     warnings.warn(f"skipped unreadable image {path} ({err}); {len(self.skipped)} skipped so far in "
-                                  "this data loader (data.bad_images=skip; =error stops at the first one)", stacklevel=2)
+                                  "this data loader (data.bad_images=skip; =error stops at the first one)",
+                                  stacklevel=2)
                 continue
             return (self.transform(image) if self.transform else image), target
         raise DataError(f"no readable image in {self.root}")

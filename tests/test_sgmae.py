@@ -423,5 +423,6 @@ def test_pictures_go_to_the_run_dir_and_to_image_loggers_beside_the_reconstructi
     keys = [k for k, _, _ in ImageLogger.images]
     assert keys.count("informed_mask") == 2 and keys.count("reconstruction") == 2
     shape = next(s for k, s, _ in ImageLogger.images if k == "informed_mask")
-    assert shape == (3, 4 * 33 + 1, 4 * 33 + 1)  # 4 rows (image, object part, mask, reconstruction) of 4 images
+    # 4 rows (image, object part, mask, reconstruction) of 4 images, as uint8 HWC pixels (what the PNG holds)
+    assert shape == (4 * 33 + 1, 4 * 33 + 1, 3)
     assert model.informed and int(model.sg_switch_epoch) == 1

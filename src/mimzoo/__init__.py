@@ -15,3 +15,10 @@ def load_pretrained(path):
     from mimzoo.checkpoints import load_pretrained as _load
 
     return _load(path)
+
+
+def load_exported(path):
+    """The timm model of a ``mimzoo-export`` file (``vit.pth`` with ``vit.pth.json`` beside it), weights loaded."""
+    from mimzoo.checkpoints import load_exported as _load
+
+    return _load(path)

@@ -8,7 +8,6 @@ Each run writes into its own Hydra directory (one live run at a time: ``mimzoo.l
 from __future__ import annotations
 
 import json
-import pickle
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
+from mimzoo.callbacks import LogIntervalFit
 from mimzoo.checkpoints import load_pretrained
+from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, silence_unactionable_warnings
+from mimzoo.errors import ConfigError, MissingFileError, user_errors
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
@@ -35,20 +37,17 @@ def resolve_ckpt(cfg: DictConfig) -> Path:
     """The checkpoint to evaluate, with an error that says what to pass when it is missing."""
     hint = "pass ckpt=<mimzoo checkpoint>, e.g. ckpt=runs/<date>/<time>/checkpoints/last.ckpt"
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
-        raise ValueError(f"mimzoo-eval needs a checkpoint: {hint}")
+        raise ConfigError(f"mimzoo-eval needs a checkpoint: {hint}")
     path = Path(str(cfg.ckpt)).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt={cfg.ckpt} is not a file; {hint}")
+        raise MissingFileError(f"ckpt={cfg.ckpt} is not a file; {hint}")
     return path
 
 
 def load_backbone(path: Path):
-    """:func:`load_pretrained`, with unreadable files reported as such (not as an unpickling trace)."""
-    try:
-        return load_pretrained(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({err}); pass a mimzoo checkpoint "
-                         "written by mimzoo-train or mimzoo-import") from err
+    """:func:`load_pretrained` for evaluation: unreadable files, checkpoints of other kinds (a probe's, a
+    fine-tune's) and stages without an encoder (the dVAE) are refused with what to pass instead."""
+    return load_pretrained(path, purpose="evaluate")
 
 
 def recipe(cfg: DictConfig) -> dict:
@@ -62,9 +61,9 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -
     """Train the probe or classifier, then report val top-1 of the final weights."""
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), monitor="val/top1", mode="max",
                                  save_last=True, enable_version_counter=False)
-    trainer = instantiate(cfg.trainer, callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
-                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
-                          plugins=[AtomicCheckpointIO()])
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), LogIntervalFit()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir),
+                          default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     best = checkpoint.best_model_score
@@ -109,7 +108,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Run ``cfg.protocol`` on ``cfg.ckpt``; writes ``results.json`` into ``run_dir`` and returns it."""
     name = cfg.protocol.name
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    check_cpu_devices(cfg.trainer)
     lock = claim_run_dir(cfg, run_dir, "mimzoo-eval")  # one live evaluation per run directory
     ckpt = resolve_ckpt(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -117,7 +117,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     backbone = load_backbone(ckpt)
     size = (cfg.data.image_size,) * 2
     if tuple(backbone.image_size) != size:
-        raise ValueError(f"{ckpt} was pre-trained on {tuple(backbone.image_size)} images but data.image_size="
+        raise ConfigError(f"{ckpt} was pre-trained on {tuple(backbone.image_size)} images but data.image_size="
                          f"{cfg.data.image_size}; set data.image_size={backbone.image_size[0]}")
     datamodule = instantiate(cfg.data)
     # Lightning logs the data's and the module's hparams together: both must name the same num_classes.
@@ -135,8 +135,18 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    return evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))["top1"]
+def hydra_main(cfg: DictConfig) -> float:
+    route_logs_to_job_log()
+    with user_errors("mimzoo-eval"):
+        return evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))["top1"]
+
+
+def main():
+    """``mimzoo-eval``: Hydra's command line, with ``ckpt=`` paths holding ``=`` quoted for it and bad input
+    reported as one line (exit code 2)."""
+    prepare_argv("mimzoo-eval")
+    silence_unactionable_warnings()
+    return hydra_main()
 
 
 if __name__ == "__main__":

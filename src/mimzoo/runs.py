@@ -31,6 +31,16 @@ def wandb_mode(requested: str) -> str:
         return "offline"
 
 
+def _wandb_settings(mode: str):
+    """W&B's own console lines are off: the run summary names the W&B run (its URL, or the offline folder and
+    `wandb sync`). Online, ``quiet`` drops the version line and the run history and keeps W&B's warnings; an
+    offline run prints its header ("syncing is set to offline", where the data is, a `wandb leet` tip) unless
+    ``silent``, so offline runs are silent."""
+    import wandb
+
+    return wandb.Settings(silent=True) if mode == "offline" else wandb.Settings(quiet=True)
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     """``metrics.csv`` in ``run_dir`` (a resume, ``ckpt_path`` set, appends to it), and a W&B run (the same run,
     continued, when the run directory is resumed) when ``logger.wandb`` is on."""
@@ -45,8 +55,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         if not id_file.exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
             id_file.write_text(uuid.uuid4().hex[:8])
         run_id = id_file.read_text().strip() if id_file.exists() else None
+        mode = wandb_mode(wb.mode)
         logger = WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name, tags=list(wb.tags),
-                             save_dir=str(run_dir), mode=wandb_mode(wb.mode), id=run_id, resume="allow",
-                             config=OmegaConf.to_container(cfg, resolve=True))
+                             save_dir=str(run_dir), mode=mode, id=run_id, resume="allow",
+                             config=OmegaConf.to_container(cfg, resolve=True), settings=_wandb_settings(mode))
+        # Lightning always hands wandb.init ``anonymous`` (None here), a setting wandb>=0.19 deprecates with a
+        # warning whatever its value; nothing else reads it.
+        logger._wandb_init.pop("anonymous", None)
         loggers.append(logger)
     return loggers

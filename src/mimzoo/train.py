@@ -7,6 +7,7 @@ config (``.hydra/``), ``checkpoints/`` (``last.ckpt`` included), ``metrics.csv``
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -18,11 +19,16 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from mimzoo.callbacks import ReconstructionPanels
+from mimzoo.callbacks import LogIntervalFit, ReconstructionPanels
+from mimzoo.checkpoints import read_checkpoint
+from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, silence_unactionable_warnings
 from mimzoo.data import primary_view
+from mimzoo.errors import CheckpointError, MissingFileError, user_errors
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
 from mimzoo.rundir import AtomicCheckpointIO, MetricsHistory, checkpoint_callbacks, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
+
+summary_log = logging.getLogger("mimzoo.summary")  # the run's summary in the job log (train.log), printed on stdout
 
 
 def build_model(cfg: DictConfig):
@@ -45,6 +51,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
         MetricsHistory(),  # a resume keeps the metrics.csv rows its checkpoint covers
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
+        LogIntervalFit(),
     ]
     if cfg.recon.enabled:
         callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
@@ -64,16 +71,34 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no checkpoint at {path}. To resume a run, start it again in its own directory: "
             "mimzoo-train <same overrides> hydra.run.dir=<that run dir> ckpt_path=last"
         )
     return str(path)
 
 
+def check_resume_checkpoint(ckpt_path: str | None) -> None:
+    """A checkpoint to resume from must be readable before anything is built: a 0-byte or truncated file (a save
+    that was killed) is named with the other checkpoints of its folder that could be used instead. Nothing is
+    deleted or written."""
+    if ckpt_path is None:
+        return
+    path = Path(ckpt_path)
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path and p.stat().st_size > 0),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    instead = (f"resume from another checkpoint of this run, e.g. ckpt_path={others[0]}" if others else
+               f"no other checkpoint is in {path.parent}: start afresh in a new run directory")
+    try:
+        read_checkpoint(path, mmap=True, fix=f"it was left as it is; {instead}")
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot resume: {err}") from err
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one pre-training job; returns the last logged metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_cpu_devices(cfg.trainer)
     # One live run per directory; a resume that changes the experiment is refused here, before anything is built.
     lock = claim_run_dir(cfg, run_dir, "mimzoo-train", resume=cfg.ckpt_path is not None)
     L.seed_everything(cfg.seed, workers=True)
@@ -81,6 +106,7 @@ def train(cfg: DictConfig) -> dict:
     model = build_model(cfg)
     datamodule = build_datamodule(cfg, model)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    check_resume_checkpoint(ckpt_path)
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir, model),
                           logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
                           plugins=[AtomicCheckpointIO()])
@@ -97,23 +123,41 @@ def train(cfg: DictConfig) -> dict:
 
 
 def summarize(run_dir: Path, trainer, metrics: dict) -> None:
-    print(f"\nmimzoo: run directory   {run_dir}")
-    print(f"mimzoo: checkpoint      {run_dir / 'checkpoints' / 'last.ckpt'}")
-    print(f"mimzoo: metrics (CSV)   {run_dir / 'metrics.csv'}")
+    """Where everything is, on stdout and in the job log (``train.log``)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    lines = [f"mimzoo: run directory   {run_dir}",
+             f"mimzoo: checkpoint      {last}" if last.is_file() else "mimzoo: checkpoint      none written",
+             f"mimzoo: metrics (CSV)   {run_dir / 'metrics.csv'}"]
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            print(f"mimzoo: W&B run         {logger.experiment.dir} (sync offline runs with `wandb sync`)")
+            run = logger.experiment
+            online = run.settings.mode == "online"
+            where = run.url if online else f"{run.dir} (sync offline runs with `wandb sync`)"
+            lines.append(f"mimzoo: W&B run         {where}")
     recon = sorted((run_dir / "reconstructions").glob("*.png"))
     if recon:
-        print(f"mimzoo: reconstructions {recon[-1]}")
+        lines.append(f"mimzoo: reconstructions {recon[-1]}")
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/loss", "val/", "probe/"))}
-    print(f"mimzoo: final metrics   {shown}")
+    lines.append(f"mimzoo: final metrics   {shown}")
+    print("\n" + "\n".join(lines))
+    for line in lines:
+        summary_log.info(line)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+def hydra_main(cfg: DictConfig) -> float | None:
+    route_logs_to_job_log()
+    with user_errors("mimzoo-train"):
+        metrics = train(cfg)
     return metrics.get(cfg.get("objective") or "", None)
+
+
+def main():
+    """``mimzoo-train``: Hydra's command line, with paths holding ``=`` (Lightning's checkpoint names) quoted for
+    it, and bad input reported as one line ``mimzoo-train: error: ...`` (exit code 2)."""
+    prepare_argv("mimzoo-train")
+    silence_unactionable_warnings()
+    return hydra_main()
 
 
 if __name__ == "__main__":

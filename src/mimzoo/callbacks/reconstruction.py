@@ -6,11 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+from PIL import Image
+from torchvision.utils import make_grid
 
 from mimzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from mimzoo.nn import unpatchify
+
+
+def to_uint8(panel: torch.Tensor) -> np.ndarray:
+    """A ``[3, H, W]`` float picture in [0, 1] -> ``[H, W, 3]`` uint8, rounded as torchvision's ``save_image``
+    rounds: the pixels of the PNG file and of the W&B image alike."""
+    return panel.detach().float().mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
 
 
 def mask_to_pixels(mask: torch.Tensor, grid_size, patch_size: int) -> torch.Tensor:
@@ -51,13 +59,15 @@ class ImagePanels(L.Callback):
         final_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if ((trainer.current_epoch + 1) % self.every_n_epochs and not final_epoch) or not trainer.is_global_zero:
             return
-        panel = self.render(pl_module, self.images.to(pl_module.device))
+        # One uint8 picture for the file and the loggers: a float tensor handed to W&B is stored unscaled
+        # (values 0..1 of 255, a black image).
+        pixels = to_uint8(self.render(pl_module, self.images.to(pl_module.device)))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = self.out_dir / f"epoch_{trainer.current_epoch:04d}.png"
-        save_image(panel, self.last_path)
+        Image.fromarray(pixels).save(self.last_path)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(self.log_key, [panel], step=trainer.global_step, caption=[self.caption])
+                logger.log_image(self.log_key, [pixels], step=trainer.global_step, caption=[self.caption])
 
 
 class ReconstructionPanels(ImagePanels):

@@ -23,36 +23,81 @@ import lightning
 import torch
 from omegaconf import OmegaConf
 
-from mimzoo.checkpoints.convert import read_official
+from mimzoo.checkpoints.convert import exported_kwargs, read_official
 from mimzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mimzoo.errors import CheckpointError, MissingFileError, user_errors
 
 
-def _read_mimzoo(path, map_location="cpu") -> dict:
-    """The raw dict of a mimzoo checkpoint (weights, ``hyper_parameters``, the data module's, ``mimzoo``)."""
+def read_checkpoint(path, mmap: bool = False,
+                    fix: str = "pass a mimzoo checkpoint written by mimzoo-train or mimzoo-import") -> dict:
+    """``torch.load`` of a checkpoint file, with a missing, empty or unreadable file reported as such, ending in
+    ``fix`` (``mmap``: tensors stay on disk, for a cheap check that the file is whole)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    meta = ckpt.get("mimzoo") if isinstance(ckpt, dict) else None
-    if not meta:
-        raise ValueError(
-            f"{path} is not a mimzoo checkpoint (no 'mimzoo' entry). For an official checkpoint use "
-            f"`mimzoo-import <method> {path} out.ckpt` or mimzoo.load_official(<method>, path)"
-        )
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), a save cut short; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file, whatever their type
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({first_sentence(err)}): it is truncated or "
+                              f"not a checkpoint; {fix}") from err
+
+
+def first_sentence(err: BaseException) -> str:
+    """``Type: first sentence of the message`` (torch's load errors run to paragraphs)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text.split('. ')[0]}"[:160]
+
+
+def _not_a_pretraining_checkpoint(path: Path, ckpt) -> str:
+    """What a checkpoint without the 'mimzoo' entry is, and what to pass instead."""
+    hp = ckpt.get("hyper_parameters") or {} if isinstance(ckpt, dict) else {}
+    linear = {"num_classes", "momentum"} <= set(hp)
+    protocol = "fine-tune" if "timm_kwargs" in hp else "linear-probe" if linear else None
+    if protocol:
+        results = path.parent.parent / "results.json"  # mimzoo-eval's run dir: checkpoints/ and results.json
+        source = None
+        if results.is_file():
+            try:
+                source = json.loads(results.read_text()).get("ckpt")
+            except (OSError, ValueError):
+                pass
+        instead = (f"ckpt={source}" if source else
+                   "the pre-training checkpoint it was trained on (its results.json: 'ckpt')")
+        return (f"{path} is a {protocol} checkpoint written by mimzoo-eval (a classifier), not a pre-training "
+                f"checkpoint: pass {instead}")
+    return (f"{path} is not a mimzoo checkpoint (no 'mimzoo' entry). For an official checkpoint use "
+            f"`mimzoo-import <method> {path} out.ckpt` or mimzoo.load_official(<method>, path)")
+
+
+def _read_mimzoo(path) -> dict:
+    """The raw dict of a mimzoo checkpoint (weights, ``hyper_parameters``, the data module's, ``mimzoo``)."""
+    ckpt = read_checkpoint(path)
+    if not (ckpt.get("mimzoo") if isinstance(ckpt, dict) else None):
+        raise CheckpointError(_not_a_pretraining_checkpoint(Path(path), ckpt))
     return ckpt
 
 
-def _build(ckpt: dict):
+def _build(ckpt: dict, path, purpose: str | None = None):
+    """The method module of a checkpoint :func:`_read_mimzoo` read; ``purpose`` as :func:`load_pretrained`."""
     module_name, cls_name = ckpt["mimzoo"]["method"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
+    if purpose and not cls.has_features:
+        raise CheckpointError(
+            f"{path} is a {cls_name} checkpoint, a tokenizer stage with no encoder to {purpose}: train BEiT on it "
+            f"(mimzoo-train model=beit model.tokenizer.ckpt={path}) and {purpose} that run's checkpoint")
     model = cls(**ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
     return model
 
 
-def load_pretrained(path, map_location="cpu"):
-    """Rebuild the method module a mimzoo checkpoint was written by (``last.ckpt`` or any epoch)."""
-    return _build(_read_mimzoo(path, map_location))
+def load_pretrained(path, map_location="cpu", purpose: str | None = None):
+    """Rebuild the method module a mimzoo checkpoint was written by (``last.ckpt`` or any epoch).
+
+    ``purpose`` (e.g. ``"evaluate"``, ``"export"``) asks for a module with an encoder to use: a stage without
+    one (the dVAE tokenizer, ``has_features = False``) is then refused with what to do instead."""
+    return _build(_read_mimzoo(path), path, purpose)
 
 
 # --- exports ----------------------------------------------------------------------------------
@@ -110,9 +155,11 @@ def export_encoder(ckpt_path, out_path) -> dict:
 
     The kwargs name timm's architecture where the sizes are one of its models (:func:`timm_model_name`) and
     carry the training preprocessing as ``pretrained_cfg_overlay`` (:func:`training_preprocessing`), so
-    ``timm.data.resolve_data_config({}, model=timm.create_model(**kwargs))`` gives it back."""
+    ``timm.data.resolve_data_config({}, model=timm.create_model(**kwargs))`` gives it back. The kwargs also
+    hold what the weights cannot tell (``num_heads``...): :func:`load_exported` and
+    ``mimzoo-import <method> <out_path>`` read them back."""
     ckpt = _read_mimzoo(ckpt_path)
-    model = _build(ckpt)
+    model = _build(ckpt, ckpt_path, purpose="export")
     kwargs, state_dict = model.export_timm()
     overlay = {**training_preprocessing(ckpt, model), "hf_hub_id": None, "tag": None}  # not timm's released weights
     kwargs = {**kwargs, "model_name": timm_model_name(kwargs), "pretrained_cfg_overlay": overlay}
@@ -132,8 +179,25 @@ def export_hf(ckpt_path, out_dir, backbone_only: bool = False) -> str:
     from mimzoo.checkpoints import hf
 
     ckpt = _read_mimzoo(ckpt_path)
-    model = _build(ckpt)
+    model = _build(ckpt, ckpt_path, purpose="export")
     return hf.save_hf(model, out_dir, training_preprocessing(ckpt, model), backbone_only=backbone_only)
+
+
+def load_exported(path):
+    """The timm model of a :func:`export_encoder` file (``vit.pth``, with ``vit.pth.json`` beside it), weights
+    loaded strictly."""
+    import timm
+
+    import mimzoo.nn  # noqa: F401 - registers convmae_convvit with timm
+
+    kwargs = exported_kwargs(path)
+    if kwargs is None:
+        raise MissingFileError(f"{path}.json is missing: mimzoo-export writes it beside {path} with the "
+                               "timm.create_model arguments (head count...) the weights cannot tell; export again "
+                               "or copy it along")
+    model = timm.create_model(**kwargs)
+    model.load_state_dict(read_official(path), strict=True)
+    return model
 
 
 def export_main(argv=None):
@@ -146,13 +210,11 @@ def export_main(argv=None):
                         help="timm (default); hf: ViTMAEForPreTraining for MAE, ViTModel for other ViT encoders; "
                              "hf-vit: ViTModel (the backbone only)")
     args = parser.parse_args(argv)
-    try:
+    with user_errors("mimzoo-export"):
         if args.format == "timm":
             kwargs = export_encoder(args.ckpt, args.out)
         else:
             cls = export_hf(args.ckpt, args.out, backbone_only=args.format == "hf-vit")
-    except (FileNotFoundError, ValueError) as e:  # a user's mistake: the message, not a traceback
-        raise SystemExit(f"mimzoo-export: error: {e}")
     if args.format == "timm":
         print(f"wrote {args.out} and {args.out}.json ({kwargs['model_name']}; "
               f"{kwargs['pretrained_cfg_overlay']['notes']}); load it with:\n"
@@ -244,8 +306,9 @@ def import_main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))
-    try:
-        out = import_official(args.method, args.src, args.out, **overrides)
-    except (FileNotFoundError, ValueError, TypeError) as e:  # a user's mistake: the message, not a traceback
-        raise SystemExit(f"mimzoo-import: error: {e}")
+    with user_errors("mimzoo-import"):
+        try:
+            out = import_official(args.method, args.src, args.out, **overrides)
+        except (FileNotFoundError, ValueError, TypeError) as e:  # a user's mistake: the message, not a traceback
+            raise CheckpointError(str(e)) from e
     print(f"wrote {out}; load it with mimzoo.load_pretrained({str(out)!r}) or export it with mimzoo-export")

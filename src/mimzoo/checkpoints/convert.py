@@ -5,14 +5,20 @@ official keys. Pure helpers; the importers are the other modules of this package
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
-import pickle
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from mimzoo.errors import CheckpointError, MissingFileError
+
+log = logging.getLogger(__name__)
 
 _STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-T/S/B/L/H
 
@@ -31,19 +37,36 @@ def read_official(path):
     ``ValueError`` saying so."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): download or copy it again")
     try:
         with torch.serialization.safe_globals([argparse.Namespace, (_YacsConfig, "yacs.config.CfgNode")]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, UnicodeDecodeError) as err:
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in pickle or zip, whatever the type
         found = re.search(r"(Unsupported [^\n]*?)(?: was not an allowed global by default|\n|$)", str(err))
         why = (found.group(1).strip() if found else "empty or truncated" if isinstance(err, EOFError)
-               else "not written by torch.save" if isinstance(err, KeyError) else str(err).strip().split("\n")[0][:160])
-        raise ValueError(f"{path} is not a checkpoint torch.load can read safely ({why}); pass the .pth file the "
-                         "official training script or release wrote") from err
+               else "not written by torch.save" if isinstance(err, KeyError)
+               else f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0].split('. ')[0][:140]}")
+        raise CheckpointError(f"{path} is not a checkpoint torch.load can read safely ({why}): it is truncated, not "
+                              "a checkpoint, or not the .pth file the official training script or release wrote; "
+                              "download or copy it again") from err
     if isinstance(ckpt, dict) and "mimzoo" in ckpt:
         raise ValueError(f"{path} is already a mimzoo checkpoint; load it with mimzoo.load_pretrained")
     return ckpt
+
+
+def exported_kwargs(path) -> dict | None:
+    """The ``timm.create_model`` kwargs ``mimzoo-export`` wrote beside ``path`` (``<path>.json``), if any: they
+    hold what a state dict cannot tell, the head count first."""
+    sidecar = Path(f"{path}.json")
+    if not sidecar.is_file():
+        return None
+    try:
+        kwargs = json.loads(sidecar.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{sidecar} is not valid JSON ({err}); write it again with mimzoo-export") from err
+    return kwargs if isinstance(kwargs, dict) and "model_name" in kwargs else None
 
 
 def model_state(ckpt, path: str) -> dict:
@@ -96,14 +119,32 @@ def block_sizes(sd: dict, prefix: str, dim: int) -> tuple[int, float]:
     return depth, sd[f"{prefix}0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0
 
 
-def vit_encoder_sizes(sd: dict, path: str) -> dict:
+def heads_for(dim: int, path: str, given: int | None = None) -> int:
+    """The head count of a ``dim``-wide encoder in ``path``: ``given`` (an override), else the ``<path>.json``
+    mimzoo-export writes beside its weights, else the standard ViT's for that width (with a warning when the
+    width is not a standard one)."""
+    if given:
+        return int(given)
+    exported = exported_kwargs(path)
+    if exported and exported.get("num_heads") and exported.get("embed_dim") in (None, dim):
+        log.info("num_heads=%s from %s.json (mimzoo-export)", exported["num_heads"], path)
+        return int(exported["num_heads"])
+    if dim not in _STANDARD_HEADS:
+        warnings.warn(f"{path}: the weights do not tell the head count; {standard_heads(dim)} assumed for width {dim} "
+                      "(no standard ViT has it). Pass encoder.num_heads=<heads> if it was trained with another",
+                      stacklevel=3)
+    return standard_heads(dim)
+
+
+def vit_encoder_sizes(sd: dict, path: str, num_heads: int | None = None) -> dict:
     """The ViT encoder keyword arguments a timm-named ViT state dict fixes (``patch_embed.proj``,
-    ``pos_embed`` with a class slot, ``blocks.<i>``); the head count is the standard one for the width."""
+    ``pos_embed`` with a class slot, ``blocks.<i>``); the head count is :func:`heads_for`'s (``num_heads``: the
+    user's override)."""
     dim, in_chans, *patch = sd["patch_embed.proj.weight"].shape
     grid = square_grid(sd["pos_embed"].shape[1] - 1, [patch], path)
     depth, mlp_ratio = block_sizes(sd, "blocks.", dim)
     return dict(img_size=grid * patch[0], patch_size=patch[0], embed_dim=dim, depth=depth,
-                num_heads=standard_heads(dim), mlp_ratio=mlp_ratio, in_chans=in_chans)
+                num_heads=heads_for(dim, path, num_heads), mlp_ratio=mlp_ratio, in_chans=in_chans)
 
 
 def _grid_from_table(rows: int) -> int | None:

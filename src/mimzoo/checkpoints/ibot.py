@@ -120,7 +120,7 @@ def _import_ibot(ckpt, path: str, overrides: dict):
     if not isinstance(t_backbone, dict) or "patch_embed.proj.weight" not in t_backbone:
         keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not an iBOT checkpoint (no ViT backbone found; top-level keys {keys})\n{_HINT}")
-    encoder = vit_encoder_sizes(t_backbone, path)
+    encoder = vit_encoder_sizes(t_backbone, path, (overrides.get("encoder") or {}).get("num_heads"))
     args = official_args(ckpt)
     hparams = dict(encoder=encoder, head=dict(iBOT.default_head))
     if t_head:

@@ -61,7 +61,7 @@ def _import_mae(ckpt, path: str, overrides: dict):
         unknown = sorted(k for k in sd if rename(k, _RENAMES) == k)
         raise ValueError(f"{path} is not an MAE checkpoint: missing {[k for k in required if k not in sd]}"
                          f"{f'; unknown keys {unknown[:8]}' if unknown else ''}\n{_HINT}")
-    encoder = vit_encoder_sizes(sd, path)
+    encoder = vit_encoder_sizes(sd, path, (overrides.get("encoder") or {}).get("num_heads"))
     has_decoder, decoder = decoder_sizes(sd)
     args = official_args(ckpt)
     npl_from = "override" if "norm_pix_loss" in overrides else "args" if hasattr(args, "norm_pix_loss") else None

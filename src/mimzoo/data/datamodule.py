@@ -3,9 +3,13 @@ and a train split with the evaluation transform for kNN feature banks."""
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+
+from mimzoo.errors import DataError
 
 from .datasets import build_dataset, num_classes_of
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, build_transform
@@ -31,6 +35,7 @@ class MIMDataModule(L.LightningDataModule):
         fake_size: int = 256,
         num_classes: int | None = None,
         drop_last: bool = True,
+        bad_images: str = "skip",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -48,7 +53,8 @@ class MIMDataModule(L.LightningDataModule):
                 tf = build_transform(aug, h.image_size, tuple(h.mean), tuple(h.std), crop_pct=h.crop_pct)
             self._sets[split] = build_dataset(h.name, h.root, train=split != "val", transform=tf,
                                               image_size=h.image_size, download=h.download,
-                                              fake_size=h.fake_size, num_classes=h.num_classes)
+                                              fake_size=h.fake_size, num_classes=h.num_classes,
+                                              bad_images=h.bad_images)
         return self._sets[split]
 
     def prepare_data(self):
@@ -66,7 +72,20 @@ class MIMDataModule(L.LightningDataModule):
                           num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+        loader = self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+        self._check_batches(len(loader.dataset))
+        return loader
+
+    def _check_batches(self, num_images: int) -> None:
+        """A batch larger than a process's share of the training split leaves no batch (drop_last): refuse it
+        instead of a run that ends at once without training or a checkpoint."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_process = math.ceil(num_images / world)
+        if self.hparams.drop_last and per_process < self.batch_size:
+            share = f" ({num_images} over {world} processes)" if world > 1 else ""
+            raise DataError(
+                f"data.batch_size={self.batch_size} is larger than the {per_process} training images of "
+                f"{self.hparams.name}{share}, so no full batch is left: set data.batch_size={per_process} or less")
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False, drop_last=False)

@@ -70,6 +70,7 @@ class MIMMethod(StepScheduledModule):
                                          warmup_epochs=40, min_lr=0.0)
     uses_mask: ClassVar[bool] = True
     has_features: ClassVar[bool] = True
+    flops_per_batch: ClassVar[None] = None  # FLOPs are not counted: Lightning's ThroughputMonitor logs img/s only
     reconstructs: ClassVar[bool] = False
     train_views: dict | None = None
     encoder: MaskedEncoder

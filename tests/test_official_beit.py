@@ -224,14 +224,15 @@ def test_without_a_tokenizer_the_module_is_encoder_only(tmp_path):
     assert torch.equal(load_pretrained(out).features(x), model.features(x))
 
 
-def test_dalle_tokenizer_spec_problems_are_one_line(tmp_path):
+def test_dalle_tokenizer_spec_problems_are_one_line(tmp_path, capsys):
     """``tokenizer.kind=dalle``: without OpenAI's package or without encoder.pkl the CLI says which."""
     src = save_model(tmp_path, official_sd())
     with pytest.raises(SystemExit) as err:
         import_main(["beit", str(src), str(tmp_path / "out.ckpt"), "tokenizer.kind=dalle",
                      f"tokenizer.path={tmp_path / 'nowhere'}"])
-    text = str(err.value)
-    assert "\n" not in text and re.search(r"pip install DALL-E|no DALL-E encoder at .*encoder.pkl", text), text
+    text = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and "\n" not in text and text.startswith("mimzoo-import: error: ")
+    assert re.search(r"pip install DALL-E|no DALL-E encoder at .*encoder.pkl", text), text
 
 
 def test_tokenizer_must_match_the_lm_head(tmp_path):

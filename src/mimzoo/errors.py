@@ -60,6 +60,18 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+class UserExit(SystemExit):
+    """Exit code 2 whose ``str`` is the printed line, so callers of an entry point's ``main`` (and tests) read
+    what the user saw."""
+
+    def __init__(self, line: str):
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
 @contextlib.contextmanager
 def user_errors(prog: str):
     """Run an entry point's body: a :class:`UserError` ends the process with ``<prog>: error: <message>``
@@ -70,5 +82,6 @@ def user_errors(prog: str):
         user = find_user_error(err)
         if user is None:
             raise
-        print(f"{prog}: error: {one_line(user)}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        line = f"{prog}: error: {one_line(user)}"
+        print(line, file=sys.stderr, flush=True)
+        raise UserExit(line) from None

@@ -48,9 +48,9 @@ def read_official(path):
         why = (found.group(1).strip() if found else "empty or truncated" if isinstance(err, EOFError)
                else "not written by torch.save" if isinstance(err, KeyError)
                else f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0].split('. ')[0][:140]}")
-        raise CheckpointError(f"{path} is not a checkpoint torch.load can read safely ({why}): it is truncated, not "
-                              "a checkpoint, or not the .pth file the official training script or release wrote; "
-                              "download or copy it again") from err
+        raise CheckpointError(f"{path} is not a checkpoint torch.load can read safely ({why}); pass the .pth file "
+                              "the official training script or release wrote (if it is cut short: download or copy "
+                              "it again)") from err
     if isinstance(ckpt, dict) and "mimzoo" in ckpt:
         raise ValueError(f"{path} is already a mimzoo checkpoint; load it with mimzoo.load_pretrained")
     return ckpt

@@ -41,6 +41,7 @@ from torch import nn
 
 from mimzoo.checkpoints import register_importer
 from mimzoo.checkpoints.convert import load_strict
+from mimzoo.errors import CheckpointError
 from mimzoo.masking import num_masked
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def hf_names(state_keys, backbone_only: bool = False) -> dict[str, tuple[str, ..
         except KeyError:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"transformers' ViT classes have no place for {', '.join(unknown[:8])}"
+        raise CheckpointError(f"transformers' ViT classes have no place for {', '.join(unknown[:8])}"
                          f"{' ...' if len(unknown) > 8 else ''}: only a plain ViT (and MAE's decoder) exports to them; "
                          "use --format timm")
     return names
@@ -140,13 +141,13 @@ def hf_noise(mask: torch.Tensor, mask_ratio: float | None = None) -> torch.Tenso
     ``argsort(noise)`` lists the visible patches (in grid order), then the masked ones; HF keeps the first
     ``int(L * (1 - mask_ratio))``, which must be the visible count (checked when ``mask_ratio`` is given)."""
     if mask.dtype != torch.bool or mask.dim() != 2:
-        raise ValueError(f"mask must be a bool [B, L] tensor, got {mask.dtype} {tuple(mask.shape)}")
+        raise CheckpointError(f"mask must be a bool [B, L] tensor, got {mask.dtype} {tuple(mask.shape)}")
     length = mask.shape[1]
     visible = length - mask.sum(1)
     if not bool((visible == visible[0]).all()):
-        raise ValueError("every row must keep the same number of patches (HF keeps int(L * (1 - mask_ratio)))")
+        raise CheckpointError("every row must keep the same number of patches (HF keeps int(L * (1 - mask_ratio)))")
     if mask_ratio is not None and int(length * (1 - mask_ratio)) != int(visible[0]):
-        raise ValueError(f"HF keeps int({length} * (1 - {mask_ratio})) = {int(length * (1 - mask_ratio))} patches "
+        raise CheckpointError(f"HF keeps int({length} * (1 - {mask_ratio})) = {int(length * (1 - mask_ratio))} patches "
                          f"but the mask leaves {int(visible[0])} visible")
     return (mask.long() * length + torch.arange(length, device=mask.device)).float()
 
@@ -169,10 +170,10 @@ def read_hf_dir(path) -> dict:
     if not path.is_dir():
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-        raise ValueError(f"{path} is a file; mimzoo-import hf reads a save_pretrained directory "
+        raise CheckpointError(f"{path} is a file; mimzoo-import hf reads a save_pretrained directory "
                          "(config.json + model.safetensors or pytorch_model.bin)")
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json: not a transformers save_pretrained directory")
+        raise CheckpointError(f"{path} has no config.json: not a transformers save_pretrained directory")
     config = json.loads((path / "config.json").read_text())
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
@@ -191,7 +192,7 @@ def read_hf_dir(path) -> dict:
             else:
                 state.update(torch.load(f, map_location="cpu", weights_only=True))
         return {"config": config, "state": state}
-    raise ValueError(f"{path} has no weights (model.safetensors, pytorch_model.bin or a sharded index)")
+    raise CheckpointError(f"{path} has no weights (model.safetensors, pytorch_model.bin or a sharded index)")
 
 
 def _square(value, name: str, problems: list) -> int:
@@ -213,7 +214,7 @@ def mae_hparams(config: dict, path: str, layer_norm_eps=None) -> dict:
     mimzoo's MAE cannot represent exactly. ``layer_norm_eps=1e-6`` accepts a config with another eps
     (the facebook/vit-mae-* configs say 1e-12 for weights facebookresearch/mae trained with 1e-6)."""
     if config.get("model_type") != "vit_mae":
-        raise ValueError(f"{path}: model_type {config.get('model_type')!r}, expected 'vit_mae' (ViTMAEForPreTraining "
+        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r}, expected 'vit_mae' (ViTMAEForPreTraining "
                          "or ViTMAEModel). mimzoo-import hf reads Hugging Face MAE directories; a plain ViT backbone "
                          "is a fine-tuning model, not a pre-training one")
     cfg = {**_VIT_MAE_DEFAULTS, **config}
@@ -246,7 +247,7 @@ def mae_hparams(config: dict, path: str, layer_norm_eps=None) -> dict:
     d_mlp = _mlp_ratio(cfg["decoder_intermediate_size"], cfg["decoder_hidden_size"], "decoder_intermediate_size",
                        problems)
     if problems:
-        raise ValueError(f"{path}/config.json cannot be represented exactly by mimzoo's MAE:\n  - "
+        raise CheckpointError(f"{path}/config.json cannot be represented exactly by mimzoo's MAE:\n  - "
                          + "\n  - ".join(problems))
     dropout = {k: cfg[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if cfg[k]}
     if dropout:
@@ -306,7 +307,7 @@ def _plain_vit(encoder, what: str) -> None:
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     if not isinstance(encoder, VisionTransformer):
-        raise ValueError(f"{what} is a {type(encoder).__name__}, not a ViT: transformers' ViT classes cannot hold it; "
+        raise CheckpointError(f"{what} is a {type(encoder).__name__}, not a ViT: transformers' ViT classes cannot hold it; "
                          "export it with --format timm")
     problems = []
     if encoder.cls_token is None or encoder.num_prefix_tokens != 1 or getattr(encoder, "no_embed_class", False):
@@ -319,14 +320,14 @@ def _plain_vit(encoder, what: str) -> None:
         elif block.attn.qkv.bias is None:
             problems.append(f"block {i} has no query/key/value bias")
     if problems:
-        raise ValueError(f"{what} is not a plain ViT that transformers' ViT layers compute exactly: "
+        raise CheckpointError(f"{what} is not a plain ViT that transformers' ViT layers compute exactly: "
                          + "; ".join(problems))
 
 
 def _layer_norm_eps(*modules) -> float:
     eps = {m.eps for module in modules for m in module.modules() if isinstance(m, nn.LayerNorm)}
     if len(eps) != 1:
-        raise ValueError(f"transformers uses one layer_norm_eps for every norm; this model has {sorted(eps)}")
+        raise CheckpointError(f"transformers uses one layer_norm_eps for every norm; this model has {sorted(eps)}")
     return eps.pop()
 
 
@@ -362,7 +363,7 @@ def save_hf(model, out_dir, preprocessing: dict, backbone_only: bool = False) ->
     from mimzoo.nn import MAEDecoder
 
     if not model.has_features:
-        raise ValueError(f"{type(model).__name__} has no encoder to export")
+        raise CheckpointError(f"{type(model).__name__} has no encoder to export")
     mae = isinstance(model, MAE) and not backbone_only
     encoder = model.encoder if mae else model.eval_encoder
     _plain_vit(encoder, f"{type(model).__name__}'s encoder")
@@ -370,7 +371,7 @@ def save_hf(model, out_dir, preprocessing: dict, backbone_only: bool = False) ->
     if mae:
         decoder = model.decoder
         if not isinstance(decoder, MAEDecoder) or not decoder.cls_token:
-            raise ValueError(f"{type(model).__name__}'s decoder is not MAE's; use --format hf-vit for the encoder")
+            raise CheckpointError(f"{type(model).__name__}'s decoder is not MAE's; use --format hf-vit for the encoder")
         eps = _layer_norm_eps(encoder, decoder)
         block = decoder.blocks[0] if len(decoder.blocks) else None
         ratio = getattr(model.mask_strategy, "ratio", 0.75)

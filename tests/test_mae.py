@@ -172,3 +172,24 @@ def test_imagenet_geometry_224_patch16():
                 decoder=dict(dim=32, depth=1, num_heads=2))
     out = model(torch.randn(2, 3, 224, 224))
     assert model.grid_size == (14, 14) and out.pred.shape == (2, 196, 768) and (out.mask.sum(1) == 147).all()
+
+
+def test_forward_and_loss_compile_to_one_graph(tiny_mae):
+    """``compile=true`` without graph breaks in the hot path: given a mask, encoder, decoder and loss trace as
+    one graph (the masked count comes from the strategy, not from reading the mask) and give the eager
+    loss. The training forward draws its mask outside the graph, on purpose (``draw_mask`` is
+    ``torch.compiler.disable``d): eagerly, so the same seed gives the same mask as without compile.
+    Dynamo only (``backend="eager"``: no Inductor code generation), ~5 s on 2 CPU cores."""
+    torch._dynamo.reset()
+    x, mask = images(), fixed_mask(tiny_mae)
+    tiny_mae.eval()  # no drop-path noise between runs
+    explain = torch._dynamo.explain(tiny_mae.forward)(x, mask)
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+    compiled = torch.compile(tiny_mae.forward, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, mask).loss, tiny_mae(x, mask).loss, rtol=1e-6, atol=1e-6)
+    tiny_mae.train()
+    torch.manual_seed(3)
+    drawn = torch.compile(tiny_mae.forward, backend="eager")(x).mask
+    torch.manual_seed(3)
+    assert torch.equal(drawn, tiny_mae(x).mask)
+    torch._dynamo.reset()

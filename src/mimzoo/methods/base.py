@@ -117,8 +117,13 @@ class MIMMethod(StepScheduledModule):
         return self.eval_encoder.export_timm()
 
     # --- masks --------------------------------------------------------------------------------
-    def draw_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.mask_strategy(batch_size, self.grid_size, generator=generator).to(self.device)
+    @torch.compiler.disable  # drawn eagerly, as without compile (the same seed gives the same mask)
+    def draw_mask(self, batch_size: int, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+        """A draw from the strategy, on the CPU (its generators), then on ``device`` (the module's by
+        default) without a host sync (:func:`~mimzoo.masking.to_device`)."""
+        mask = self.mask_strategy(batch_size, self.grid_size, generator=generator)
+        return masking.to_device(mask, self.device if device is None else device)
 
     def sample_mask(self, images: torch.Tensor) -> torch.Tensor:
         """The mask of a batch given none: a draw from the strategy."""

@@ -140,12 +140,44 @@ def test_lr_scaling_and_per_step_schedule(tmp_path):
     assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tiny_mae):
+def test_non_finite_loss_is_recorded_on_the_device_and_raised_at_the_check(tiny_mae):
+    """The step only records the first non-finite loss (reading it there would stall a GPU every step);
+    the check raises with the message naming that step and value, and a later finite step does not clear it."""
     bad = images()
     bad[0, 0, 0, 0] = float("nan")
     tiny_mae.log = lambda *a, **k: None
-    with pytest.raises(FloatingPointError, match="non-finite loss.*blr"):
-        tiny_mae.training_step((bad, torch.zeros(4)), 0)
+    tiny_mae.training_step((images(), torch.zeros(4)), 0)
+    tiny_mae.raise_if_nonfinite()  # finite so far
+    tiny_mae.training_step((bad, torch.zeros(4)), 1)  # returns: nothing read back
+    tiny_mae.training_step((images(1), torch.zeros(4)), 2)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 0; lower optim.blr"):
+        tiny_mae.raise_if_nonfinite()
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        tiny_mae.on_save_checkpoint({})  # no checkpoint of spoilt weights
+
+
+def test_non_finite_loss_stops_the_run_at_the_epoch_end_before_any_checkpoint(tmp_path):
+    """In a run the guard costs no sync per step: the steps after the bad one run, then the epoch's end
+    raises (the step named is the bad one) before ModelCheckpoint writes anything."""
+    torch.manual_seed(0)
+    model = MAE(**TINY_MAE)
+    forward, calls = model.forward, []
+
+    def spoilt_third_step(images, mask=None):
+        out = forward(images, mask)
+        calls.append(len(calls))
+        if len(calls) == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = spoilt_third_step
+    dm = MIMDataModule(name="fake", image_size=32, batch_size=8, num_workers=0, fake_size=40)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 2; lower optim.blr"):
+        trainer.fit(model, datamodule=dm)
+    assert len(calls) == 5  # the whole first epoch ran
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_config_errors_are_clear(tiny_mae):

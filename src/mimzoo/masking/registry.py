@@ -168,10 +168,13 @@ def masked_index(mask: torch.Tensor, device: torch.device | str | None = None) -
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` on ``device`` without a host sync: a CPU tensor bound for a GPU goes through pinned memory
-    with ``non_blocking=True`` (a plain ``.to(device)`` waits for the GPU's queue to drain)."""
+    with ``non_blocking=True`` (a plain ``.to(device)`` waits for the GPU's queue to drain). A copy to the
+    CPU blocks, as it must: the host is about to read it."""
     device = torch.device(device)
     if tensor.device == device:
         return tensor
+    if device.type == "cpu":
+        return tensor.to(device)
     if tensor.device.type == "cpu" and device.type == "cuda" and torch.cuda.is_available():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)

@@ -135,7 +135,9 @@ class MIMMethod(StepScheduledModule):
     def draw_mask(self, batch_size: int, generator: torch.Generator | None = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
         """A draw from the strategy, on the CPU (its generators), then on ``device`` (the module's by
-        default) without a host sync (:func:`~mimzoo.masking.to_device`)."""
+        default) without a host sync (:func:`~mimzoo.masking.to_device`). Not drawn on the GPU: a CUDA
+        generator gives other values for the same seed, and the block strategies place blocks in Python
+        loops that need host values anyway; drawing on the CPU overlaps the GPU's queue."""
         mask = self.mask_strategy(batch_size, self.grid_size, generator=generator)
         return masking.to_device(mask, self.device if device is None else device)
 

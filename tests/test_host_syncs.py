@@ -81,7 +81,8 @@ def no_host_syncs():
 
 
 def step_on_meta(model, batch):
-    """One training step, backward included, on the meta device; ``self.log`` must get tensors."""
+    """One training step, backward included (and for teacher-student methods the per-parameter gradient
+    clipping and the EMA update that follow), on the meta device; ``self.log`` must get tensors."""
     logged = {}
 
     def log(name, value, *args, **kwargs):
@@ -96,6 +97,9 @@ def step_on_meta(model, batch):
     with no_host_syncs():
         loss = model.training_step(batch, 0)
         loss.backward()
+        if hasattr(model, "update_teacher"):
+            model.configure_gradient_clipping(None)
+            model.update_teacher(0.996)
     assert loss.device.type == "meta" and "train/loss" in logged
     return logged
 

@@ -1,6 +1,7 @@
 """iBOT: EMA teacher, masking, loss, centring and temperatures, head, multi-crop, collapse signals,
 and the whole run through the Hydra entry points (train, resume, kNN eval, export)."""
 
+import copy
 import csv
 import json
 import math
@@ -133,6 +134,66 @@ def test_mim_loss_uses_masked_positions_only_and_matches_the_formula():
     torch.testing.assert_close(mim, mim2)  # visible positions change nothing
     _, mim3, _ = model.loss(s_cls, s_patch + 3 * noise.roll(1, 1), t_cls, t_patch, mask)
     assert not torch.allclose(mim, mim3)
+
+
+@pytest.mark.parametrize("shared_head", [True, False])
+def test_patch_heads_run_on_masked_tokens_only_with_the_all_token_loss_gradients_and_centre(shared_head):
+    """The student's patch head (MLP, last layer, log-softmax) and the teacher's last layer and softmax
+    see the M masked tokens only, not all 2B x N; the loss, its parts and the updated centres equal the
+    all-token computation (our heads on every token + the official iBOTLoss) to 1e-6, and so does every
+    gradient (up to fp32 summation order).
+    Masks with variable counts, one image with none and one fully masked."""
+    from reference_ibot import iBOTLoss
+
+    model = tiny_ibot(drop_path_rate=0.0, views=dict(local_number=2),
+                      head={**HEAD, "shared_head": shared_head, "patch_out_dim": None if shared_head else 48})
+    model.center.normal_(0, 0.1)
+    model.center_patch.normal_(0, 0.1)  # non-zero centres, so the centring is checked too
+    model.train()
+    reference = copy.deepcopy(model)
+    views, masks = crops(batch=4, local=2), fixed_masks()
+    masks[0][1] = False  # an unmasked image: adds 0, still counts in its view's mean
+    masks[1][2] = True  # a fully masked one
+    rows = {"student": [], "teacher": [], "student_mlp": []}  # tokens per call (shared heads: [CLS] calls too)
+    for name, module in (("student", model.student_head.last_layer2), ("teacher", model.teacher_head.last_layer2),
+                         ("student_mlp", model.student_head.mlp)):
+        module.register_forward_hook(lambda m, args, out, name=name: rows[name].append(args[0].shape[:-1].numel()))
+    out = model(views, [m.clone() for m in masks])
+    out.loss.backward()
+    num_masked = int(torch.cat(masks).sum())
+    assert 0 < num_masked < 2 * 4 * 64
+    for name in ("student", "teacher"):  # patches: the M masked tokens, not all 2 x 4 x 64 (+ [CLS] calls: 8)
+        assert num_masked in rows[name] and set(rows[name]) <= {num_masked, 8}, rows
+    assert sum(rows["student_mlp"]) == 8 + num_masked + 8  # global [CLS], masked patches, local [CLS]
+
+    # the all-token computation: every head on every token, then iBOTLoss as main_ibot.py has it
+    ref = reference
+    globals_ = torch.cat(views[:2])
+    with torch.no_grad():
+        t_cls, t_patch = ref.teacher_head(ref.teacher.forward_masked(globals_))
+    s_cls, s_patch = ref.student_head(ref.student.forward_masked(globals_, torch.cat(masks)))
+    s_local = ref.student_head(ref.student.forward_masked(torch.cat(views[2:])))[0]
+    k2 = s_patch.shape[-1]
+    official = iBOTLoss(64, k2, 2, 2, 0.04, 0.07, 0.04, 0.07, 30, 100)
+    official.center, official.center2 = ref.center.clone(), ref.center_patch.clone()
+    expected = official((s_cls, s_patch), (t_cls, t_patch), s_local, [m.view(4, 8, 8) for m in masks], 99)
+    expected["loss"].backward()
+    for ours, theirs in ((out.loss, expected["loss"]), (out.logs["loss_cls"], expected["cls"]),
+                         (out.logs["loss_mim"], expected["patch"]), (model.center, official.center),
+                         (model.center_patch, official.center2)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    # the same loss from model.loss given every position (what the old forward computed)
+    _, mim_all, _ = ref.loss(torch.cat([s_cls, s_local]), s_patch, t_cls, t_patch, torch.cat(masks))
+    torch.testing.assert_close(out.logs["loss_mim"], mim_all, rtol=1e-6, atol=1e-6)
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert len(grads) > 10
+    for name, p in model.named_parameters():
+        if name in grads:
+            # relative to the tensor's norm: fp32 sums the rows in another order (float64 agrees to 1e-13)
+            error = (p.grad - grads[name]).norm() / grads[name].norm().clamp_min(1e-12)
+            assert error < 1e-6, (name, float(error))
+        else:
+            assert p.grad is None or not p.grad.any(), name
 
 
 def test_cls_loss_averages_all_cross_view_pairs():

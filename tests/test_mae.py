@@ -140,12 +140,44 @@ def test_lr_scaling_and_per_step_schedule(tmp_path):
     assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tiny_mae):
+def test_non_finite_loss_is_recorded_on_the_device_and_raised_at_the_check(tiny_mae):
+    """The step only records the first non-finite loss (reading it there would stall a GPU every step);
+    the check raises with the message naming that step and value, and a later finite step does not clear it."""
     bad = images()
     bad[0, 0, 0, 0] = float("nan")
     tiny_mae.log = lambda *a, **k: None
-    with pytest.raises(FloatingPointError, match="non-finite loss.*blr"):
-        tiny_mae.training_step((bad, torch.zeros(4)), 0)
+    tiny_mae.training_step((images(), torch.zeros(4)), 0)
+    tiny_mae.raise_if_nonfinite()  # finite so far
+    tiny_mae.training_step((bad, torch.zeros(4)), 1)  # returns: nothing read back
+    tiny_mae.training_step((images(1), torch.zeros(4)), 2)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 0; lower optim.blr"):
+        tiny_mae.raise_if_nonfinite()
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        tiny_mae.on_save_checkpoint({})  # no checkpoint of spoilt weights
+
+
+def test_non_finite_loss_stops_the_run_at_the_epoch_end_before_any_checkpoint(tmp_path):
+    """In a run the guard costs no sync per step: the steps after the bad one run, then the epoch's end
+    raises (the step named is the bad one) before ModelCheckpoint writes anything."""
+    torch.manual_seed(0)
+    model = MAE(**TINY_MAE)
+    forward, calls = model.forward, []
+
+    def spoilt_third_step(images, mask=None):
+        out = forward(images, mask)
+        calls.append(len(calls))
+        if len(calls) == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = spoilt_third_step
+    dm = MIMDataModule(name="fake", image_size=32, batch_size=8, num_workers=0, fake_size=40)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 2; lower optim.blr"):
+        trainer.fit(model, datamodule=dm)
+    assert len(calls) == 5  # the whole first epoch ran
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_config_errors_are_clear(tiny_mae):
@@ -172,3 +204,24 @@ def test_imagenet_geometry_224_patch16():
                 decoder=dict(dim=32, depth=1, num_heads=2))
     out = model(torch.randn(2, 3, 224, 224))
     assert model.grid_size == (14, 14) and out.pred.shape == (2, 196, 768) and (out.mask.sum(1) == 147).all()
+
+
+def test_forward_and_loss_compile_to_one_graph(tiny_mae):
+    """``compile=true`` without graph breaks in the hot path: given a mask, encoder, decoder and loss trace as
+    one graph (the masked count comes from the strategy, not from reading the mask) and give the eager
+    loss. The training forward draws its mask outside the graph, on purpose (``draw_mask`` is
+    ``torch.compiler.disable``d): eagerly, so the same seed gives the same mask as without compile.
+    Dynamo only (``backend="eager"``: no Inductor code generation), ~5 s on 2 CPU cores."""
+    torch._dynamo.reset()
+    x, mask = images(), fixed_mask(tiny_mae)
+    tiny_mae.eval()  # no drop-path noise between runs
+    explain = torch._dynamo.explain(tiny_mae.forward)(x, mask)
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+    compiled = torch.compile(tiny_mae.forward, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, mask).loss, tiny_mae(x, mask).loss, rtol=1e-6, atol=1e-6)
+    tiny_mae.train()
+    torch.manual_seed(3)
+    drawn = torch.compile(tiny_mae.forward, backend="eager")(x).mask
+    torch.manual_seed(3)
+    assert torch.equal(drawn, tiny_mae(x).mask)
+    torch._dynamo.reset()

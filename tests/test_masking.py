@@ -186,6 +186,37 @@ def test_mask_to_ids_round_trip():
         mask_to_ids(bad)
 
 
+def test_mask_to_ids_with_a_known_count_reads_nothing_back_and_checks_it_on_the_device():
+    """Given the count (as the strategy that drew the mask knows it), ``mask_to_ids`` reads nothing back
+    to the host (on the meta device, where tensors hold no data, any read fails) and checks the count
+    with a device-side assert; ``restore_ids`` needs no count at all."""
+    mask = masking.build("random", ratio=0.75)(5, GRID, generator=gen())
+    ids_keep, ids_restore = mask_to_ids(mask, num_masked=48)
+    expected = mask_to_ids(mask)
+    assert torch.equal(ids_keep, expected[0]) and torch.equal(ids_restore, expected[1])
+    assert torch.equal(masking.restore_ids(mask), expected[1])
+    keep, restore = mask_to_ids(mask.to("meta"), num_masked=48)
+    assert keep.shape == (5, 16) and restore.shape == (5, 64) and masking.restore_ids(mask.to("meta")).is_meta
+    with pytest.raises(RuntimeError, match="meta"):
+        mask_to_ids(mask.to("meta"))  # without the count it has to read the mask
+    with pytest.raises(RuntimeError, match="must mask 40 patches"):
+        mask_to_ids(mask, num_masked=40)
+
+
+@pytest.mark.parametrize(("name", "cell"), [(name, cell) for name in ("random", "block", "grid", "center")
+                                             for cell in (1, 2)] + [("self_guided", 1)])  # single patches only
+def test_strategies_state_their_exact_count_without_drawing(name, cell):
+    """``strategy.count(grid)`` is what every drawn row masks (None where counts vary): what token-dropping
+    encoders use instead of reading the mask back."""
+    params = {"ratio": 0.6} if name == "self_guided" else {"ratio": 0.6, "cell": cell}
+    strategy = masking.build(name, **params)
+    mask = strategy(6, GRID, generator=gen())
+    assert strategy.count(GRID) == int(mask.sum(1)[0]) and (mask.sum(1) == strategy.count(GRID)).all()
+    assert masking.build("multiscale", base={"name": name, **params}).count(GRID) == strategy.count(GRID)
+    assert masking.build("block", ratio=0.4, exact=False).count(GRID) is None
+    assert masking.build("ibot").count(GRID) is None
+
+
 def test_block_shapes_follow_beit_bounds():
     """BEiT's generator on 14x14 with 75 patches: block areas in [16, 75] and aspect ratios in
     [0.3, 1/0.3], log-uniform (up to rounding to whole patches)."""

@@ -207,6 +207,35 @@ def test_feature_pass_has_no_grad_and_leaves_the_loss_gradients_alone():
     assert any(not torch.equal(reference[k], changed[k]) for k in reference)  # ... which the test would see
 
 
+@pytest.mark.parametrize("emb_layer", [0, -1])
+def test_feature_pass_runs_in_inference_mode_under_the_runs_autocast_with_the_same_masks(emb_layer):
+    """The feature pass is an inference-mode pass (no autograd bookkeeping at all), under whatever autocast
+    the step runs in (bf16 here), and gives the features and the informed masks the no-grad pass gave."""
+    model = tiny_sgmae(emb_layer=emb_layer).train()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = model.patch_features(images)
+    assert features.is_inference() and model.encoder.training
+    model.encoder.eval()
+    with torch.no_grad():  # the pass as it was: no_grad, eval mode
+        depth = len(model.encoder.blocks)
+        before = model.encoder.forward_intermediates(images, indices=[emb_layer % depth], norm=emb_layer == -1,
+                                                     stop_early=True, output_fmt="NLC", intermediates_only=True)[0]
+    model.encoder.train()
+    assert torch.equal(features, before)
+    for seed in range(3):
+        mask = model.informed_mask(images, torch.Generator().manual_seed(seed)).mask
+        expected = model.informed_strategy.build(GRID, torch.Generator().manual_seed(seed), features=before).mask
+        assert torch.equal(mask, expected)
+    dtypes = []
+    model.encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.patch_features(images)
+        assert dtypes == [torch.bfloat16]  # the pass's matmuls ran in the step's bf16
+        model.sg_informed.fill_(True)
+        model(images).loss.backward()  # the informed training step, on the inference-mode features' mask
+    assert all(p.grad is not None for p in model.encoder.blocks.parameters())
+
+
 def test_feature_layer_and_training_forward_use_the_informed_mask():
     model = tiny_sgmae(emb_layer=0, informed=dict(hint_ratio=0.1)).train()
     images = torch.randn(4, 3, 32, 32)

@@ -38,6 +38,9 @@ class MultiScaleMask:
     def exact_count(self) -> bool:
         return self.base.exact_count
 
+    def count(self, grid_size: tuple[int, int]) -> int | None:
+        return self.base.count(grid_size)
+
     def __call__(self, batch_size: int, grid_size: tuple[int, int], generator: torch.Generator | None = None):
         return self.base(batch_size, grid_size, generator=generator)
 

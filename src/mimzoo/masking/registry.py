@@ -79,6 +79,14 @@ class MaskStrategy:
     def sample(self, batch_size: int, h: int, w: int, k: int, generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def count(self, grid_size: tuple[int, int]) -> int | None:
+        """Masked patches per image on ``grid_size`` when every image gets the same number (``exact_count``),
+        else None: what a token-dropping encoder keeps without reading the mask back to the host."""
+        if not self.exact_count:
+            return None
+        h, w = grid_size
+        return num_masked(self.ratio, (h // self.cell) * (w // self.cell)) * self.cell**2
+
     def __repr__(self):
         params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
         return f"{type(self).__name__}({params})"
@@ -113,19 +121,60 @@ def mask_pyramid(mask: torch.Tensor, grid_size: tuple[int, int], scales) -> list
     return [upsample_mask(mask, grid_size, s).view(mask.shape[0], s * h, s * w) for s in scales]
 
 
-def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shuffle_ids(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]``: the visible positions in grid order, then the masked ones (a stable sort of the mask)."""
+    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+
+
+def restore_ids(mask: torch.Tensor) -> torch.Tensor:
+    """``ids_restore`` of :func:`mask_to_ids` alone: it needs no count, so it reads nothing on the host."""
+    return torch.argsort(shuffle_ids(mask), dim=1)
+
+
+def mask_to_ids(mask: torch.Tensor, num_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Derive ``(ids_keep, ids_restore)`` from a bool mask with the same count in every row.
 
     ``ids_keep[b]`` lists the visible positions in grid order; ``ids_restore`` un-shuffles the
     sequence ``[visible..., masked...]`` back to grid order (MAE's convention).
+
+    ``num_masked``: the masked count per row when the caller knows it (the strategy that drew the mask
+    does): nothing is read back to the host, so no GPU sync and no ``torch.compile`` graph break; the
+    count is checked on the device (``torch._assert_async``: at once on the CPU, at the next sync on a
+    GPU). Without it the count is read from the mask (a host read) and checked with a ``ValueError``.
     """
-    counts = mask.sum(1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(
-            "MAE-style encoders drop masked tokens and need the same masked count in every sample; "
-            f"got counts {sorted(set(counts.tolist()))}"
-        )
-    ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+    ids_shuffle = shuffle_ids(mask)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    num_keep = mask.shape[1] - int(counts[0])
-    return ids_shuffle[:, :num_keep], ids_restore
+    counts = mask.sum(1)
+    if num_masked is None:
+        if not bool((counts == counts[0]).all()):
+            raise ValueError(
+                "MAE-style encoders drop masked tokens and need the same masked count in every sample; "
+                f"got counts {sorted(set(counts.tolist()))}"
+            )
+        num_masked = int(counts[0])
+    else:
+        torch._assert_async((counts == num_masked).all(),
+                            f"MAE-style encoders drop masked tokens: every sample must mask {num_masked} patches")
+    return ids_shuffle[:, : mask.shape[1] - num_masked], ids_restore
+
+
+def masked_index(mask: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Flat positions ``[M]`` of the masked entries of ``mask`` (row-major, as ``x[mask]`` takes them), on
+    ``device``. Computed where the mask is: for a mask drawn on the CPU that needs no GPU sync (on a GPU,
+    ``nonzero`` and boolean indexing wait for the device to learn ``M``)."""
+    index = mask.flatten().nonzero().squeeze(1)
+    return index if device is None else to_device(index, device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` without a host sync: a CPU tensor bound for a GPU goes through pinned memory
+    with ``non_blocking=True`` (a plain ``.to(device)`` waits for the GPU's queue to drain). A copy to the
+    CPU blocks, as it must: the host is about to read it."""
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if device.type == "cpu":
+        return tensor.to(device)
+    if tensor.device.type == "cpu" and device.type == "cuda" and torch.cuda.is_available():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

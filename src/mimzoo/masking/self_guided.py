@@ -15,13 +15,14 @@ random mask, counted as a fallback, so the strategy honours the contract every s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .registry import MaskStrategy, num_masked, register_mask
+from .registry import MaskStrategy, num_masked, register_mask, to_device
 
 GRAPHS = ("binary", "soft", "raw")
 OBJECT_RULES = ("seed", "low_mean_sim", "smaller")
@@ -59,7 +60,9 @@ def ncut_bipartition(similarity: torch.Tensor, graph: str = "binary", tau: float
     """
     squeeze = similarity.ndim == 2
     s = similarity.unsqueeze(0) if squeeze else similarity
-    with torch.autocast(device_type=s.device.type, enabled=False):
+    no_autocast = (torch.autocast(device_type=s.device.type, enabled=False)
+                   if torch.amp.is_autocast_available(s.device.type) else contextlib.nullcontext())
+    with no_autocast:
         s = s.float()
         finite = torch.isfinite(s).flatten(1).all(1)
         w = affinity(torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0), graph, tau, eps)
@@ -129,7 +132,10 @@ class InformedMask:
 def _top(score: torch.Tensor, allowed: torch.Tensor, n: int) -> torch.Tensor:
     """Bool ``[B, N]`` of the ``n`` highest-scoring allowed entries per row (``n`` may vary per row)."""
     order = torch.argsort(torch.where(allowed, score, torch.full_like(score, -float("inf"))), 1, descending=True)
-    n = torch.as_tensor(n, device=score.device).expand(score.shape[0]).unsqueeze(-1)
+    if isinstance(n, torch.Tensor):
+        n = n.to(score.device).expand(score.shape[0]).unsqueeze(-1)
+    else:  # a number: filled on the device (torch.as_tensor(n, device=cuda) is a blocking copy)
+        n = torch.full((score.shape[0], 1), int(n), device=score.device)
     ranked = torch.arange(score.shape[1], device=score.device).expand_as(score) < n
     return torch.zeros_like(allowed).scatter(1, order, ranked) & allowed
 
@@ -177,7 +183,8 @@ class SelfGuidedMask(MaskStrategy):
             raise ValueError(f"self_guided mask: {n} patch features for a {grid_size} grid")
         k = self._count(n)
         device = similarity.device
-        rand = lambda: torch.rand(b, n, generator=generator).to(device)  # noqa: E731  (CPU generator: seeds reproduce)
+        # CPU generator (seeds reproduce), copied without a host sync
+        rand = lambda: to_device(torch.rand(b, n, generator=generator), device)  # noqa: E731
         bip = ncut_bipartition(similarity, self.graph, self.tau, self.eps)
         obj = choose_object(similarity, bip, self.object_rule, grid_size, self.corner_check)
         # Similarity score: cosine to the object centroid, <E_i, mean_{j in obj} E_j> up to a positive factor.
@@ -197,10 +204,10 @@ class SelfGuidedMask(MaskStrategy):
             remask = _top(remask_score, ~mask, n_hint)
             mask = (mask & ~hints) | remask
         fallback = ~bip.valid
-        random = self._uninformed(b, grid_size, generator).mask.to(device)
+        random = to_device(self._uninformed(b, grid_size, generator).mask, device)
         mask = torch.where(fallback.unsqueeze(-1), random, mask)
         hints &= ~fallback.unsqueeze(-1)
-        assert bool((mask.sum(-1) == k).all()), "self_guided mask lost the exact masked count"
+        torch._assert_async((mask.sum(-1) == k).all(), "self_guided mask lost the exact masked count")
         return InformedMask(mask, obj, score, hints, fallback)
 
     def _uninformed(self, batch_size: int | None, grid_size, generator) -> InformedMask:

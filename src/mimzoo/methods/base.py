@@ -35,6 +35,13 @@ Done here once for every method: the mask strategy from the registry, AdamW with
 groups, ``lr = blr * effective_batch / 256``, warm-up + cosine per step (and an optional weight-decay
 cosine), logging of the loss and of ``MIMOutput.logs``, fixed validation masks, the non-finite-loss
 guard, and checkpoint metadata.
+
+No host syncs in a training step: masks are drawn on the CPU and copied without blocking, nothing
+is read back from the device (``bool``/``int``/``float``/``.item()`` of a device tensor, ``nonzero``,
+boolean indexing), and numbers are logged as CPU tensors (``torch.tensor(x, device=cuda)`` blocks).
+The non-finite-loss guard records the first bad step on the device and raises every
+``trainer.log_every_n_steps`` steps, at the epoch's end and before a checkpoint is written.
+``tests/test_host_syncs.py`` runs every method's step on the meta device to keep it that way.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ from mimzoo.nn import MaskedEncoder
 from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine, cosine_ramp
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
+
+
+def host_scalar(value):
+    """A Python number as a CPU tensor, for ``self.log``: Lightning turns a number into
+    ``torch.tensor(value, device=self.device)``, a blocking host-to-device copy on a GPU. Tensors pass."""
+    return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
 
 
 @dataclass
@@ -84,6 +97,7 @@ class MIMMethod(StepScheduledModule):
             raise ValueError(f"{type(self).__name__} sees whole images and takes no mask; drop the mask config")
         self.optim_cfg = {**self.default_optim, **(optim or {})}
         self.val_mask_seed = 1234  # fixed masks on validation so val/loss compares across runs
+        self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None  # (first bad step, its loss), on the device
 
     # --- what the framework reads -------------------------------------------------------------
     @property
@@ -118,8 +132,15 @@ class MIMMethod(StepScheduledModule):
         return self.eval_encoder.export_timm()
 
     # --- masks --------------------------------------------------------------------------------
-    def draw_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.mask_strategy(batch_size, self.grid_size, generator=generator).to(self.device)
+    @torch.compiler.disable  # drawn eagerly, as without compile (the same seed gives the same mask)
+    def draw_mask(self, batch_size: int, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+        """A draw from the strategy, on the CPU (its generators), then on ``device`` (the module's by
+        default) without a host sync (:func:`~mimzoo.masking.to_device`). Not drawn on the GPU: a CUDA
+        generator gives other values for the same seed, and the block strategies place blocks in Python
+        loops that need host values anyway; drawing on the CPU overlaps the GPU's queue."""
+        mask = self.mask_strategy(batch_size, self.grid_size, generator=generator)
+        return masking.to_device(mask, self.device if device is None else device)
 
     def sample_mask(self, images: torch.Tensor) -> torch.Tensor:
         """The mask of a batch given none: a draw from the strategy."""
@@ -145,15 +166,44 @@ class MIMMethod(StepScheduledModule):
     # --- training -----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         out = self(batch[0])
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"non-finite loss ({out.loss.item()}) at step {self.global_step}; lower optim.blr, "
-                "set trainer.gradient_clip_val, or use trainer.precision=bf16-mixed instead of 16-mixed"
-            )
+        self.track_nonfinite(out.loss)
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=False)
         for name, value in out.logs.items():
-            self.log(f"train/{name}", value)
+            self.log(f"train/{name}", host_scalar(value))
         return out.loss
+
+    # --- the non-finite-loss guard (no host sync per step) ----------------------------------------
+    def track_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device, the first step whose loss is not finite and that loss: reading it
+        here would stall a GPU every step. :meth:`raise_if_nonfinite` reads it back."""
+        loss = loss.detach().float()
+        if self._nonfinite is None or self._nonfinite[0].device != loss.device:
+            self._nonfinite = (torch.full((), -1, dtype=torch.long, device=loss.device),
+                               torch.full((), float("nan"), device=loss.device))
+        first, value = self._nonfinite
+        new = (first < 0) & ~torch.isfinite(loss)
+        self._nonfinite = (torch.where(new, self.global_step, first), torch.where(new, loss, value))
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise if a tracked step had a non-finite loss (one host read)."""
+        if self._nonfinite is None:
+            return
+        step = int(self._nonfinite[0])
+        if step >= 0:
+            raise FloatingPointError(
+                f"non-finite loss ({float(self._nonfinite[1])}) at step {step}; lower optim.blr, "
+                "set trainer.gradient_clip_val, or use trainer.precision=bf16-mixed instead of 16-mixed"
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        """The guard's check every ``trainer.log_every_n_steps`` batches (when the logger reads the
+        device anyway)."""
+        every = getattr(self._trainer, "log_every_n_steps", 0) if self._trainer is not None else 0
+        if every and (batch_idx + 1) % every == 0:
+            self.raise_if_nonfinite()
+
+    def on_train_epoch_end(self):
+        self.raise_if_nonfinite()
 
     def validation_mask(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         """A fixed mask per validation batch, so ``val/loss`` compares across runs (None without masks)."""
@@ -189,12 +239,13 @@ class MIMMethod(StepScheduledModule):
         for group in self.trainer.optimizers[0].param_groups:
             if group.get("decayed"):
                 group["weight_decay"] = wd
-        self.log("train/weight_decay", wd)
+        self.log("train/weight_decay", host_scalar(wd))
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.trainer, self.param_groups(self.optim_cfg["weight_decay"]), self.optim_cfg)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_nonfinite()  # never write the weights a non-finite step has spoilt
         cls = type(self)
         checkpoint["mimzoo"] = {"method": f"{cls.__module__}.{cls.__qualname__}"}
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimzoo import masking
 from mimzoo.nn.beit import BEiTEncoder, trunc_normal_1sigma_
 from mimzoo.nn.tokenizer import DALLETokenizer, Tokenizer
 
@@ -107,11 +108,18 @@ class BEiT(MIMMethod):
             raise ValueError(f"tokenizer returned ids of shape {tuple(ids.shape)}, expected {expected}")
         return ids.long()
 
+    def sample_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """Drawn on the CPU and left there: :meth:`forward` takes the masked positions from it without a
+        host sync (``hidden[mask]`` on a GPU mask waits for the device to count them)."""
+        return self.draw_mask(images.shape[0], device="cpu")
+
     def forward(self, images, mask=None):
         mask = self.resolve_mask(images, mask)
+        index = masking.masked_index(mask, images.device)  # where the mask is: no sync for a drawn one
+        mask = masking.to_device(mask, images.device)
         hidden = self.encoder.forward_masked(images, mask)[:, 1:]
-        logits = self.head(hidden[mask]).float()  # masked positions only: [M, num_tokens]
-        labels = self.target(images)[mask]
+        logits = self.head(hidden.flatten(0, 1).index_select(0, index)).float()  # masked positions only: [M, K]
+        labels = self.target(images).flatten().index_select(0, index)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(-1) == labels).float().mean()
         return MIMOutput(loss=loss, mask=mask, logs={"mim_acc": acc.detach()})

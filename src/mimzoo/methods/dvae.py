@@ -93,7 +93,10 @@ class DVAE(MIMMethod):
         kl = kl_to_uniform(logits)
         kl_weight = self.kl_weight()
         ids = logits.argmax(1)
-        probs = torch.bincount(ids.flatten(), minlength=self.vae.num_tokens).float() / ids.numel()
+        # code usage; not torch.bincount, whose output size depends on the data (a host sync on a GPU)
+        ids = ids.flatten()
+        probs = torch.zeros(self.vae.num_tokens, device=ids.device).index_add_(
+            0, ids, torch.ones_like(ids, dtype=torch.float)) / ids.numel()
         perplexity = torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum())
         logs = {"recon_loss": recon_loss.detach(), "kl": kl.detach(), "perplexity": perplexity,
                 "codes_used": (probs > 0).float().mean(), "tau": self.tau(), "kl_weight": kl_weight}

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
+from mimzoo import masking
 from mimzoo.nn import IBOTHead, MaskTokenViT
 from mimzoo.optim import steps_per_epoch
 
-from .base import MIMOutput
+from .base import MIMOutput, host_scalar
 from .teacher_student import TeacherStudentMethod
 
 NUM_GLOBAL = 2
@@ -41,6 +42,17 @@ def official_teacher_temp(epoch: int, warm: float, final: float, warmup_epochs: 
     """main_ibot.py's ``iBOTLoss.teacher_temp_schedule[epoch]``: ``np.concatenate((np.linspace(warm,
     final, W), np.ones(epochs - W) * final))`` (``teacher_temp2_schedule`` alike, without ``mim_start_epoch``)."""
     return float(np.linspace(warm, final, warmup_epochs)[epoch]) if epoch < warmup_epochs else float(final)
+
+
+def _rows(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tokens [B, N, ...]`` -> ``[M, ...]``: the rows of the flat positions ``index`` (``tokens[mask]``
+    without the boolean indexing that syncs on a GPU)."""
+    return tokens.flatten(0, 1).index_select(0, index)
+
+
+def _linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [D] @ weight.T`` -> ``[1, K]`` in fp32 under any autocast (multiply-and-sum is not autocast)."""
+    return (weight.float() * x.float()).sum(-1).unsqueeze(0)
 
 
 class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
@@ -144,23 +156,44 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         return tuple(warm + frac * (final - warm) for warm, final in ramps)
 
     # --- forward and loss ---------------------------------------------------------------------------
+    def sample_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """Drawn on the CPU and left there: :meth:`forward` takes the masked positions from it without a
+        host sync (on a GPU mask, ``nonzero`` waits for the device to count them)."""
+        return self.draw_mask(images.shape[0], device="cpu")
+
     def forward(self, crops: list[torch.Tensor], masks: list[torch.Tensor] | None = None) -> MIMOutput:
         """``crops``: ``[global_1, global_2, local_1, ...]`` (global crops at the model's image size);
-        ``masks``: one bool ``[B, N]`` per global crop, drawn from the mask strategy when None."""
+        ``masks``: one bool ``[B, N]`` per global crop, drawn from the mask strategy when None.
+
+        The loss reads the student's patch outputs at masked positions only, so the student's patch head
+        (MLP, last layer, log-softmax over K prototypes) runs on the masked tokens alone, and the
+        teacher's last layer and softmax too; the teacher's MLP runs on every patch token, because the
+        centre is the mean over all of them (the last layer is linear, so the mean of its outputs is
+        the last layer of the mean: one row instead of ``[2B * N, K]``)."""
         if isinstance(crops, torch.Tensor) or len(crops) < NUM_GLOBAL:
             raise ValueError("iBOT takes a list of views [global_1, global_2, local...]; the data module makes "
                              "them when the model's train_views are set (mimzoo-train does this)")
-        masks = masks or [None] * NUM_GLOBAL
-        masks = [self.resolve_mask(g, m) for g, m in zip(crops[:NUM_GLOBAL], masks)]
-        globals_, mask = torch.cat(crops[:NUM_GLOBAL]), torch.cat(masks)
+        given = list(masks or [None] * NUM_GLOBAL)
+        resolved = [self.resolve_mask(g, m) for g, m in zip(crops[:NUM_GLOBAL], given)]
+        # Count the masked positions where a CPU copy exists (drawn masks, CPU masks): no device sync.
+        host = [m if m is not None and m.device.type == "cpu" else r for m, r in zip(given, resolved)]
+        host = torch.cat([masking.to_device(m, host[0].device) for m in host])
+        globals_ = torch.cat(crops[:NUM_GLOBAL])
+        index = masking.masked_index(host, globals_.device)  # [M] flat positions in [2B * N]
+        mask = masking.to_device(host, globals_.device)
         with torch.no_grad():
             t_tokens = self.teacher.forward_masked(globals_)
-            t_cls, t_patch = self.teacher_head(t_tokens)
-        s_cls, s_patch = self.student_head(self.student.forward_masked(globals_, mask))
+            t_emb = self.teacher_head.embed(t_tokens)  # every token: the centre averages all patch outputs
+            t_cls = self.teacher_head.last_layer(t_emb[:, 0])
+            t_patch = self.teacher_head.last_layer2(_rows(t_emb[:, 1:], index))  # [M, K2]
+            t_patch_mean = _linear_fp32(t_emb[:, 1:].float().mean((0, 1)), self.teacher_head.last_layer2.weight)
+        s_tokens = self.student.forward_masked(globals_, mask)
+        s_cls = self.student_head.last_layer(self.student_head.embed(s_tokens[:, 0]))
+        s_patch = self.student_head.last_layer2(self.student_head.embed(_rows(s_tokens[:, 1:], index)))  # [M, K2]
         if len(crops) > NUM_GLOBAL:  # local crops: a second pass, unmasked, [CLS] only
-            s_local = self.student_head(self.student.forward_masked(torch.cat(crops[NUM_GLOBAL:]))[:, :1])[0]
-            s_cls = torch.cat([s_cls, s_local])
-        loss_cls, loss_mim, entropy = self.loss(s_cls, s_patch, t_cls, t_patch, mask)
+            local = self.student.forward_masked(torch.cat(crops[NUM_GLOBAL:]))[:, 0]
+            s_cls = torch.cat([s_cls, self.student_head.last_layer(self.student_head.embed(local))])
+        loss_cls, loss_mim, entropy = self.loss(s_cls, s_patch, t_cls, t_patch, mask, index)
         loss = self.hparams.lambda_cls * loss_cls + self.hparams.lambda_mim * loss_mim
         with torch.no_grad():
             feats = F.normalize(t_tokens[:, 0].float(), dim=-1)
@@ -168,40 +201,47 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
                     "teacher_student_kl": loss_cls.detach() - entropy, "teacher_cls_std": feats.std(0).mean(),
                     "mask_ratio": mask.float().mean()}
         if self.training:
-            self.update_center(t_cls, t_patch)
+            self.update_center(t_cls, t_patch_mean)
             self._stats = logs  # read by the collapse check at the epoch's end
         return MIMOutput(loss=loss, mask=mask, logs=logs)
 
-    def loss(self, s_cls, s_patch, t_cls, t_patch, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(self, s_cls, s_patch, t_cls, t_patch, mask, index=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(L_cls, L_mim, teacher entropy)`` as iBOTLoss: ``L_cls`` averages the cross-entropy over
         ordered (global q, any view v != q) pairs; ``L_mim`` is the in-view patch cross-entropy over
-        masked positions, per image divided by its masked count (unmasked images add 0)."""
+        masked positions, per image divided by its masked count (unmasked images add 0), averaged over
+        the images of a view, then over the views.
+
+        ``s_patch``/``t_patch``: ``[2B, N, K2]`` at every position, or ``[M, K2]`` at the masked ones only,
+        the rows of ``index`` (the flat masked positions of ``mask``, :func:`~mimzoo.masking.masked_index`)."""
         tau, tau_patch = self.teacher_temps()
         num_views = s_cls.shape[0] // (t_cls.shape[0] // NUM_GLOBAL)
+        if index is None:
+            index = masking.masked_index(mask, s_patch.device)
+        if s_patch.dim() == 3:  # every position: keep the masked ones
+            s_patch, t_patch = _rows(s_patch, index), _rows(t_patch, index)
         p_cls = F.softmax((t_cls.float() - self.center) / tau, dim=-1).chunk(NUM_GLOBAL)
-        p_patch = F.softmax((t_patch.float() - self.center_patch) / tau_patch, dim=-1).chunk(NUM_GLOBAL)
         log_q_cls = F.log_softmax(s_cls.float() / self.hparams.student_temp, dim=-1).chunk(num_views)
-        log_q_patch = F.log_softmax(s_patch.float() / self.hparams.student_temp, dim=-1).chunk(NUM_GLOBAL)
-        masks = mask.float().chunk(NUM_GLOBAL)
-        cls_terms, mim_terms = [], []
-        for q in range(NUM_GLOBAL):
-            for v, log_q in enumerate(log_q_cls):
-                if v == q:
-                    ce = -(p_patch[q] * log_q_patch[q]).sum(-1)  # [B, N]
-                    mim_terms.append(((ce * masks[q]).sum(-1) / masks[q].sum(-1).clamp(min=1.0)).mean())
-                else:
-                    cls_terms.append(-(p_cls[q] * log_q).sum(-1).mean())
+        p_patch = F.softmax((t_patch.float() - self.center_patch.flatten(0, 1)) / tau_patch, dim=-1)
+        log_q_patch = F.log_softmax(s_patch.float() / self.hparams.student_temp, dim=-1)
+        ce = -(p_patch * log_q_patch).sum(-1)  # [M]
+        # back onto the [2B, N] grid (zeros where unmasked: the same sums as masking every position)
+        per_position = torch.zeros(mask.numel(), dtype=ce.dtype, device=ce.device).scatter(0, index, ce)
+        per_image = per_position.view(mask.shape).sum(-1) / mask.float().sum(-1).clamp(min=1.0)
+        loss_mim = per_image.view(NUM_GLOBAL, -1).mean(1).mean()
+        cls_terms = [-(p_cls[q] * log_q).sum(-1).mean()
+                     for q in range(NUM_GLOBAL) for v, log_q in enumerate(log_q_cls) if v != q]
         with torch.no_grad():
             p = torch.cat(p_cls)
             entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-        return torch.stack(cls_terms).mean(), torch.stack(mim_terms).mean(), entropy
+        return torch.stack(cls_terms).mean(), loss_mim, entropy
 
     @torch.no_grad()
     def update_center(self, t_cls: torch.Tensor, t_patch: torch.Tensor) -> None:
-        """EMA of the teacher's batch-mean outputs, averaged over all ranks (so every rank centres alike)."""
+        """EMA of the teacher's batch-mean outputs, averaged over all ranks (so every rank centres alike).
+        ``t_patch``: the patch outputs ``[..., K2]`` (all of them: ``[2B, N, K2]``), or their mean ``[1, K2]``."""
         m = self.hparams.center_momentum
         cls_mean = self._mean_over_ranks(t_cls.float().mean(0, keepdim=True))
-        patch_mean = self._mean_over_ranks(t_patch.float().mean(1).mean(0, keepdim=True))
+        patch_mean = self._mean_over_ranks(t_patch.float().reshape(-1, t_patch.shape[-1]).mean(0, keepdim=True))
         self.center.mul_(m).add_(cls_mean, alpha=1 - m)
         self.center_patch.mul_(m).add_(patch_mean.unsqueeze(0), alpha=1 - m)
 
@@ -214,8 +254,8 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         tau, tau_patch = self.teacher_temps()
-        self.log("train/teacher_temp", tau)
-        self.log("train/teacher_patch_temp", tau_patch)
+        self.log("train/teacher_temp", host_scalar(tau))
+        self.log("train/teacher_patch_temp", host_scalar(tau_patch))
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -223,13 +263,14 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         across runs; the centres are not updated."""
         images = batch[0]
         generator = torch.Generator().manual_seed(self.val_mask_seed + batch_idx)
-        masks = [self.draw_mask(images.shape[0], generator) for _ in range(NUM_GLOBAL)]
+        masks = [self.draw_mask(images.shape[0], generator, device="cpu") for _ in range(NUM_GLOBAL)]
         out = self([images, images.flip(-1)], masks)
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)
         return out
 
     def on_train_epoch_end(self):
         """Say so when the run has collapsed (logged as ``train/collapsed``)."""
+        super().on_train_epoch_end()
         if not self._stats:
             return
         message = collapse_diagnosis(float(self._stats["teacher_entropy"]), float(self._stats["teacher_student_kl"]),

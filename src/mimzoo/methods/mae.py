@@ -42,9 +42,20 @@ class MAE(MIMMethod):
         return self.encoder.stride
 
     def forward(self, images, mask=None):
+        """The encoder keeps ``L - k`` tokens. ``k`` of a drawn mask is the strategy's exact count
+        (:meth:`drawn_count`), so nothing is read back from the device; a given mask's ``k`` is read from
+        it, except under ``torch.compile``, where the drawn count is assumed (checked on the device) so
+        the forward and loss stay one graph."""
+        num_masked = self.drawn_count() if mask is None or torch.compiler.is_compiling() else None
         mask = self.resolve_mask(images, mask)
-        pred = self.decoder(self.encoder.forward_masked(images, mask), mask)
+        pred = self.decoder(self.encoder.forward_masked(images, mask, num_masked), mask)
         return MIMOutput(loss=self.loss(images, pred, mask), mask=mask, pred=pred)
+
+    def drawn_count(self) -> int | None:
+        """Masked patches per image of the masks :meth:`sample_mask` draws, known without looking at them
+        (None for a strategy that does not say: then the count is read from the mask)."""
+        count = getattr(self.mask_strategy, "count", None)
+        return count(self.grid_size) if count is not None else None
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """Patchified (already dataset-normalised) pixels; per-patch standardised with norm-pix loss."""

@@ -10,8 +10,9 @@ reconstructions (see docs/sgmae.md in the mimzoo repository), each a constructor
   consecutive probes (with ``exploit_cross``, after a probe below; latest at ``fallback_fraction *
   max_epochs``); kept in buffers, so it survives
   resume, and broadcast from rank 0, so every DDP rank switches together;
-* phase B: per step, an unmasked no-grad eval-mode encoder pass gives the features the registry's
-  ``self_guided`` strategy turns into a mask with the exact MAE count; forward and loss are MAE's.
+* phase B: per step, an unmasked eval-mode encoder pass in inference mode (under the run's autocast)
+  gives the features the registry's ``self_guided`` strategy turns into a mask with the exact MAE
+  count; forward and loss are MAE's.
 """
 
 from __future__ import annotations
@@ -166,20 +167,42 @@ class SGMAE(MAE):
         self.register_buffer("sg_probe_epoch", torch.tensor(-1))
         self.register_buffer("sg_seen_below", torch.tensor(False))  # a probe with R_M < R_V happened
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._host_copies: dict[str, tuple[torch.Tensor, int, object]] = {}
+
+    def _host_value(self, name: str):
+        """A switch buffer's value read on the host once per change, not once per step (on a GPU each
+        read is a sync): in-place writes (``fill_``, ``load_state_dict``'s ``copy_``) bump the tensor's
+        version, and moving the module makes a new tensor."""
+        buf = getattr(self, name)
+        seen = self._host_copies.get(name)
+        if seen is None or seen[0] is not buf or seen[1] != buf._version:
+            seen = (buf, buf._version, buf.item())
+            self._host_copies[name] = seen
+        return seen[2]
+
+    def _apply(self, fn, recurse=True):
+        """Moving the module (``.to``, ``.cuda``) makes new buffers: carry the host copies still valid over."""
+        seen = self.__dict__.get("_host_copies", {})
+        valid = {name: s[2] for name, s in seen.items() if s[0] is getattr(self, name) and s[1] == s[0]._version}
+        out = super()._apply(fn, recurse)
+        self._host_copies = {name: (getattr(self, name), getattr(self, name)._version, value)
+                             for name, value in valid.items()}
+        return out
 
     @property
     def informed(self) -> bool:
-        return bool(self.sg_informed)
+        return bool(self._host_value("sg_informed"))
 
     # --- informed masks -------------------------------------------------------------------------
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, N, D]`` patch tokens of block ``emb_layer`` (final norm on the last) of the *unmasked*
-        image: eval mode (no drop-path), no grad, the encoder's train mode restored after."""
+        image: eval mode (no drop-path), inference mode (no autograd bookkeeping; under the caller's
+        autocast, e.g. the run's bf16), the encoder's train mode restored after."""
         depth, layer = len(self.encoder.blocks), self.emb_layer
         was_training = self.encoder.training
         self.encoder.eval()
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 return self.encoder.forward_intermediates(
                     images, indices=[layer], norm=layer == depth - 1, stop_early=True, output_fmt="NLC",
                     intermediates_only=True)[0]
@@ -189,8 +212,10 @@ class SGMAE(MAE):
     def hint_ratio(self, epoch: int, max_epochs: int | None) -> float:
         """The configured hint ratio, or with ``hint_ratio_end`` a linear ramp to it over phase B."""
         start = self.informed_strategy.hint_ratio
-        switched = int(self.sg_switch_epoch)
-        if self.hint_ratio_end is None or switched < 0 or not max_epochs:
+        if self.hint_ratio_end is None or not max_epochs:
+            return start
+        switched = int(self._host_value("sg_switch_epoch"))
+        if switched < 0:
             return start
         progress = min(max((epoch - switched) / max(max_epochs - 1 - switched, 1), 0.0), 1.0)
         return start + (self.hint_ratio_end - start) * progress
@@ -207,8 +232,14 @@ class SGMAE(MAE):
             return super().sample_mask(images)
         informed = self.informed_mask(images)
         if self._trainer is not None:
-            self.log("sgmae/fallback_rate", informed.fallback_rate)
+            self.log("sgmae/fallback_rate", informed.fallback.float().mean())  # a device tensor: no sync
         return informed.mask
+
+    def drawn_count(self) -> int | None:
+        """The informed strategy's count while :meth:`sample_mask` draws informed masks, else MAE's."""
+        if self.training and self.informed:
+            return self.informed_strategy.count(self.grid_size)
+        return super().drawn_count()
 
     # --- exploitation-rate probe and the switch ---------------------------------------------------
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

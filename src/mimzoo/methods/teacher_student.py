@@ -9,7 +9,7 @@ import torch
 
 from mimzoo.optim import cosine_ramp
 
-from .base import MIMMethod
+from .base import MIMMethod, host_scalar
 
 
 class TeacherStudentMethod(MIMMethod):
@@ -56,5 +56,5 @@ class TeacherStudentMethod(MIMMethod):
         super().optimizer_step(*args, **kwargs)
         m = self.momentum_at(self.global_step)
         self.update_teacher(m)
-        self.log("train/ema_momentum", m)
+        self.log("train/ema_momentum", host_scalar(m))
 

@@ -95,7 +95,8 @@ class BEiTEncoder(MaskedEncoder, Beit):
             block.attn.proj.weight.div_(math.sqrt(2.0 * l))
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * l))
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                       num_masked: int | None = None) -> torch.Tensor:
         """Final-norm tokens ``[B, 1 + N, D]``; masked patch embeddings are replaced by ``mask_token``
         before positions are added.
 

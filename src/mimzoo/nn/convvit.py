@@ -247,13 +247,14 @@ class ConvMAEEncoder(MaskedEncoder, ConvViT):
             return None
         return tuple((~m).unsqueeze(1).float() for m in mask_pyramid(mask, self.grid, self.stage_scales))
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                       num_masked: int | None = None) -> torch.Tensor:
         """Fused latent ``[B, K, D]``: stage-3 blocks on the visible tokens only, plus the stage-1 and
         stage-2 maps brought to the stage-3 grid by strided convs at the same positions, then ``norm``."""
         ids_keep = visible = None
         if mask is not None:
             mask = self.check_mask(images, mask)
-            ids_keep, visible = mask_to_ids(mask)[0], self.visible_maps(mask)
+            ids_keep, visible = mask_to_ids(mask, num_masked)[0], self.visible_maps(mask)
         s1, s2, x = self.forward_stages(images, visible)
         s1 = self.stage1_output_decode(s1).flatten(2).transpose(1, 2)
         s2 = self.stage2_output_decode(s2).flatten(2).transpose(1, 2)

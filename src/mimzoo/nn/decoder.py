@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import Block
 
-from mimzoo.masking import mask_to_ids
+from mimzoo.masking import restore_ids
 
 from .masked_encoder import MaskedEncoder
 from .pos_embed import sincos_pos_embed_2d
@@ -60,7 +60,7 @@ class MAEDecoder(nn.Module):
     def forward(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``latent [B, 1+K, D]`` (CLS first, then the visible tokens in grid order, as a dropping encoder
         returns them; ``[B, K, D]`` without ``cls_token``) and the mask ``[B, L]`` -> ``[B, L, p*p*C]``."""
-        ids_restore = mask_to_ids(mask)[1]
+        ids_restore = restore_ids(mask)  # needs no count: nothing read back to the host
         x = self.embed(latent)
         b, num_patches = ids_restore.shape
         c = int(self.cls_token)

@@ -47,8 +47,13 @@ class IBOTHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens [B, 1 + N, D]`` -> ``(cls logits [B, K], patch logits [B, N, K2])``."""
-        x = F.normalize(self.mlp(tokens), dim=-1, p=2)
+        x = self.embed(tokens)
         return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck of any tokens ``[..., D]`` -> ``[..., bottleneck]``: the head
+        before its last layers, so a caller can run those on the tokens it needs (iBOT: masked patches)."""
+        return F.normalize(self.mlp(tokens), dim=-1, p=2)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """The parameters iBOT freezes during the first epoch(s)."""

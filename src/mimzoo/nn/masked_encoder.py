@@ -4,7 +4,9 @@ A method hands an encoder images and a bool mask ``[B, N]`` over the encoder's p
 masked) and gets final-norm tokens back. What happens to masked patches is the encoder's kind:
 
 * ``drops_masked = True`` (MAE, ConvMAE, SG-MAE): masked tokens are removed before the blocks;
-  every row must mask the same number of patches (the mask strategy's ``exact_count``).
+  every row must mask the same number of patches (the mask strategy's ``exact_count``). The caller
+  passes that number as ``num_masked`` when it knows it (the strategy that drew the mask does): then
+  nothing is read back from the mask to the host (no GPU sync, no ``torch.compile`` graph break).
 * ``drops_masked = False`` (BEiT, iBOT, SimMIM): masked patch embeddings are replaced by a learned
   mask token and every position goes through the blocks.
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from mimzoo.masking.registry import to_device
 
 
 class MaskedEncoder(nn.Module):
@@ -38,9 +42,12 @@ class MaskedEncoder(nn.Module):
     def image_size(self) -> tuple[int, int]:
         return self.grid[0] * self.stride, self.grid[1] * self.stride
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                       num_masked: int | None = None) -> torch.Tensor:
         """Final-norm tokens ``[B, num_prefix_tokens + K, D]``: ``K`` is the visible count for a dropping
-        encoder (visible patches in grid order), ``N`` otherwise; ``mask=None`` keeps every patch."""
+        encoder (visible patches in grid order), ``N`` otherwise; ``mask=None`` keeps every patch.
+        ``num_masked`` (masked patches per image, if known; checked on the device) spares a dropping encoder
+        reading the count from the mask; a replacing encoder ignores it."""
         raise NotImplementedError
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -53,11 +60,12 @@ class MaskedEncoder(nn.Module):
         raise NotImplementedError
 
     def check_mask(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The mask, on the images' device, after checking its type and shape against the grid."""
+        """The mask, on the images' device (copied without a host sync), after checking its type and shape
+        against the grid."""
         expected = (images.shape[0], self.grid[0] * self.grid[1])
         if mask.dtype != torch.bool or tuple(mask.shape) != expected:
             raise ValueError(f"mask must be a bool tensor of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
-        return mask.to(images.device)
+        return to_device(mask, images.device)
 
 
 def state_for_export(module: nn.Module, drop: tuple[str, ...] = ()) -> dict:

@@ -96,11 +96,12 @@ class ViTEncoder(MaskedEncoder, VisionTransformer):
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_linear_and_norm)
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                       num_masked: int | None = None) -> torch.Tensor:
         """Tokens ``[B, 1 + K, D]`` after the final norm, ``K`` visible patches in grid order."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
         if mask is not None:
-            ids_keep = mask_to_ids(self.check_mask(images, mask))[0]
+            ids_keep = mask_to_ids(self.check_mask(images, mask), num_masked)[0]
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
@@ -125,7 +126,8 @@ class MaskTokenViT(ViTEncoder):
         self.apply(_init_trunc_normal)
         self.patch_embed.proj.reset_parameters()  # iBOT leaves the patch conv at PyTorch's default
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                       num_masked: int | None = None) -> torch.Tensor:
         """Final-norm tokens ``[B, 1 + N, D]``; ``mask`` swaps the masked patches' embeddings for the mask
         token, so their pixels never enter. Crops of another size (local views) take no mask."""
         x = self.patch_embed(images)  # [B, h, w, D] (dynamic image size)

@@ -1,6 +1,7 @@
 """Shared test setup: offline data from $MIMZOO_DATA (else a synthetic stand-in), W&B never online, tiny
 model overrides, and the ``cli`` fixture that runs the real entry points in a subprocess."""
 
+import logging
 import os
 import pickle
 import subprocess
@@ -74,6 +75,19 @@ def run_cli(module: str, *args: str, expect_ok: bool = True, timeout: float = 60
         pytest.fail(f"exit status {proc.returncode} (expected {expected}): {' '.join(cmd)}\n"
                     f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
     return proc
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """An entry point run in-process configures the job log (Hydra's dictConfig): its console handler holds
+    that test's captured stderr. Put the root logger back, so no later test logs into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -377,7 +377,8 @@ def test_end_to_end_switch_pictures_resume_and_eval(tmp_path, cli):
     assert bool(ckpt["state_dict"]["sg_informed"]) and ckpt["mimzoo"]["method"] == "mimzoo.methods.sgmae.SGMAE"
     # Resume under a rule that cannot fire before epoch 100: the restored state keeps informed masking.
     cli("train", *common, "trainer.max_epochs=3", "model.start_epoch=null", "model.fallback_fraction=null",
-        "model.exploit_k=100", "ckpt_path=last")
+        "model.exploit_k=100", "ckpt_path=last",  # a changed rule on purpose: the resume must be told so
+        "resume_allow_changes=[model.start_epoch,model.fallback_fraction,model.exploit_k]")
     metrics = epoch_metrics(run_dir)
     assert metrics[2]["sgmae/informed"] == 1.0 and metrics[2]["sgmae/switch_epoch"] == 1.0
     assert "sgmae/fallback_rate" in metrics[2]

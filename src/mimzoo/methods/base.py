@@ -47,7 +47,7 @@ from timm.optim import param_groups_weight_decay
 
 from mimzoo import masking
 from mimzoo.nn import MaskedEncoder
-from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine, cosine_ramp
+from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine, cosine_ramp, schedule_steps
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
 
@@ -183,7 +183,7 @@ class MIMMethod(StepScheduledModule):
         end = self.optim_cfg.get("weight_decay_end")
         if end is None:
             return
-        wd = cosine_ramp(self.global_step, int(self.trainer.estimated_stepping_batches),
+        wd = cosine_ramp(self.global_step, schedule_steps(self.trainer),
                          self.optim_cfg["weight_decay"], end)
         for group in self.trainer.optimizers[0].param_groups:
             if group.get("decayed"):

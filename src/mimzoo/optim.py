@@ -105,6 +105,9 @@ class StepScheduledModule(L.LightningModule):
         scheduler.step_update(num_updates=self.global_step)
 
     def on_train_start(self):
+        for config in self.trainer.lr_scheduler_configs:  # the rate of the coming step, also after a resume
+            if hasattr(config.scheduler, "step_update"):
+                config.scheduler.step_update(num_updates=self.global_step)
         note = early_stop_note(self.trainer)
         if note:
             rank_zero_info(f"mimzoo: {note}")

@@ -1,13 +1,21 @@
 """The one LightningDataModule: train split with a training augmentation, test split for validation,
-and a train split with the evaluation transform for kNN feature banks."""
+and a train split with the evaluation transform for kNN feature banks.
+
+The training loader's order and augmentation are pure functions of (seed, epoch, index) (:mod:`mimzoo.seeding`),
+and the module's ``state_dict`` holds where training stands in its epoch, so a resume from a mid-epoch checkpoint
+carries on with the very batches the uninterrupted run would have drawn."""
 
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 from torch.utils.data import DataLoader
 
+from mimzoo.seeding import run_seed
+
 from .datasets import build_dataset, num_classes_of
+from .sampling import ResumableSampler, SeededDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, build_transform
 
 
@@ -37,6 +45,7 @@ class MIMDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.train_views: dict | None = None  # set by methods that train on multi-crop views (iBOT)
         self._sets: dict = {}
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done in it) from a checkpoint
 
     def _dataset(self, split: str):
         if split not in self._sets:
@@ -60,13 +69,42 @@ class MIMDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return num_classes_of(self._dataset("val"))
 
-    def _loader(self, split: str, shuffle: bool, drop_last: bool):
+    def _loader(self, split: str, shuffle: bool, drop_last: bool, **kwargs):
         workers = self.hparams.num_workers
-        return DataLoader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+        dataset = kwargs.pop("dataset", None)
+        dataset = self._dataset(split) if dataset is None else dataset
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                          **kwargs)
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+        """Shuffled by a :class:`ResumableSampler` (sharded over the trainer's ranks, started where a resumed
+        checkpoint left off) over the training set wrapped in a :class:`SeededDataset`."""
+        trainer, seed = self.trainer, run_seed()
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        epoch, batches = self._resume or (0, 0)
+        sampler = ResumableSampler(self._dataset("train"), num_replicas=world, rank=rank, seed=seed, epoch=epoch,
+                                   start=batches * self.batch_size)
+        return self._loader("train", shuffle=False, drop_last=self.hparams.drop_last, sampler=sampler,
+                            dataset=SeededDataset(self._dataset("train"), seed))
+
+    def state_dict(self) -> dict:
+        """Where training stands: the epoch and the batches this process has trained on in it (a checkpoint
+        saved at an epoch's end points at the next epoch's start)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        fit = trainer.fit_loop
+        epoch = fit.epoch_progress.current.completed
+        in_epoch = fit.epoch_progress.current.ready > epoch
+        batches = fit.epoch_loop.batch_progress.current.processed if in_epoch else 0
+        if batches >= trainer.num_training_batches:
+            epoch, batches = epoch + 1, 0
+        return {"train_position": {"epoch": int(epoch), "batches": int(batches)}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        position = state_dict.get("train_position")
+        self._resume = (position["epoch"], position["batches"]) if position else None
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False, drop_last=False)

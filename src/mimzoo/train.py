@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mimzoo.callbacks import ReconstructionPanels
+from mimzoo.callbacks.preemption import Preemption, cluster_plugins, requeued_ckpt_path
 from mimzoo.data import primary_view
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
 from mimzoo.runs import CONFIG_DIR, build_loggers
@@ -45,6 +46,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
+        Preemption(run_dir / "checkpoints" / "last.ckpt"),  # SIGTERM/SIGUSR1: checkpoint, exit != 0, SLURM requeue
     ]
     if cfg.recon.enabled:
         callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
@@ -78,9 +80,9 @@ def train(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     model = build_model(cfg)
     datamodule = build_datamodule(cfg, model)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.ckpt_path, run_dir), run_dir)
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir, model),
-                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
+                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir), plugins=cluster_plugins())
     fit_model = torch.compile(model) if cfg.compile else model
     trainer.fit(fit_model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -7,6 +7,8 @@ carries on with the very batches the uninterrupted run would have drawn."""
 
 from __future__ import annotations
 
+import signal
+
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 import torch
@@ -17,6 +19,13 @@ from mimzoo.seeding import run_seed
 from .datasets import build_dataset, num_classes_of
 from .sampling import ResumableSampler, SeededDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, build_transform
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loading workers leave SIGTERM and SIGUSR1 to the main process, which stops at a step boundary and shuts
+    them down itself: a signal sent to every process of a job (as SLURM sends it) must not kill them first."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class MIMDataModule(L.LightningDataModule):
@@ -75,7 +84,7 @@ class MIMDataModule(L.LightningDataModule):
         dataset = self._dataset(split) if dataset is None else dataset
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                          **kwargs)
+                          worker_init_fn=ignore_stop_signals if workers > 0 else None, **kwargs)
 
     def train_dataloader(self):
         """Shuffled by a :class:`ResumableSampler` (sharded over the trainer's ranks, started where a resumed

@@ -43,16 +43,17 @@ def cluster_plugins() -> list:
 
 
 def requeued_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """The checkpoint to resume from. ``ckpt_path`` as given, except: ``last``, and nothing in a job SLURM has
-    requeued (``SLURM_RESTART_COUNT`` > 0), mean the newest of ``checkpoints/last.ckpt`` and Lightning's
-    ``hpc_ckpt_<n>.ckpt`` in the run directory (a requeued job with neither starts afresh)."""
-    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-    if ckpt_path not in (None, "last") or (ckpt_path is None and not requeued):
-        return ckpt_path
+    """The checkpoint to resume from: ``ckpt_path`` as given, except that a job SLURM has requeued
+    (``SLURM_RESTART_COUNT`` > 0) resumes by itself (``last``, when it saved a checkpoint before), and that
+    ``last`` means the newest of ``checkpoints/last.ckpt`` and Lightning's ``hpc_ckpt_<n>.ckpt`` in the run
+    directory (its path when that is an ``hpc_ckpt``)."""
     candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    if not candidates:
-        return ckpt_path  # "last" without a checkpoint: resolve_ckpt_path explains
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    if ckpt_path is None and candidates and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        ckpt_path = "last"
+    if ckpt_path != "last" or not candidates:
+        return ckpt_path
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    return "last" if newest.name == "last.ckpt" else str(newest)
 
 
 class Preemption(L.Callback):
@@ -92,13 +93,15 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         last = batch_idx + 1 >= trainer.num_training_batches  # stop after the epoch's validation instead
         if not last and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-            self._maybe_stop(trainer)
+            self._maybe_stop(trainer, finishing=0 < trainer.max_steps <= trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self._maybe_stop(trainer)
+        self._maybe_stop(trainer, finishing=(0 < trainer.max_steps <= trainer.global_step
+                                             or 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1))
 
-    def _maybe_stop(self, trainer) -> None:
-        if self._stopping:
+    def _maybe_stop(self, trainer, finishing: bool) -> None:
+        """``finishing``: the run ends here anyway (max_steps, max_epochs) and is left to end normally."""
+        if self._stopping or finishing:
             return
         pending = self.signum is not None
         if trainer.world_size > 1:  # every rank stops at the same step

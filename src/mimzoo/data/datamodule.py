@@ -7,6 +7,9 @@ carries on with the very batches the uninterrupted run would have drawn."""
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import signal
 
 import lightning as L
@@ -17,7 +20,7 @@ from torch.utils.data import DataLoader
 from mimzoo.seeding import run_seed
 
 from .datasets import build_dataset, num_classes_of
-from .sampling import ResumableSampler, SeededDataset
+from .sampling import ResumableDataLoader, ResumableSampler, SeededDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, build_transform
 
 
@@ -26,6 +29,20 @@ def ignore_stop_signals(worker_id: int) -> None:
     them down itself: a signal sent to every process of a job (as SLURM sends it) must not kill them first."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+@functools.cache
+def _stop_workers_at_exit() -> None:
+    """Workers still alive when the interpreter exits (a loader nobody shut down) are stopped by multiprocessing's
+    exit handler with SIGTERM, which they ignore, before it joins them: stop them with SIGKILL first (atexit runs
+    this before that handler, registered earlier). Daemonic children never outlive the interpreter either way."""
+    atexit.register(_kill_daemonic_children)
 
 
 class MIMDataModule(L.LightningDataModule):
@@ -80,9 +97,11 @@ class MIMDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool, **kwargs):
         workers = self.hparams.num_workers
-        dataset = kwargs.pop("dataset", None)
+        dataset, loader = kwargs.pop("dataset", None), kwargs.pop("loader", DataLoader)
+        if workers > 0:
+            _stop_workers_at_exit()
         dataset = self._dataset(split) if dataset is None else dataset
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
+        return loader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                           worker_init_fn=ignore_stop_signals if workers > 0 else None, **kwargs)
 
@@ -95,7 +114,7 @@ class MIMDataModule(L.LightningDataModule):
         sampler = ResumableSampler(self._dataset("train"), num_replicas=world, rank=rank, seed=seed, epoch=epoch,
                                    start=batches * self.batch_size)
         return self._loader("train", shuffle=False, drop_last=self.hparams.drop_last, sampler=sampler,
-                            dataset=SeededDataset(self._dataset("train"), seed))
+                            dataset=SeededDataset(self._dataset("train"), seed), loader=ResumableDataLoader)
 
     def state_dict(self) -> dict:
         """Where training stands: the epoch and the batches this process has trained on in it (a checkpoint

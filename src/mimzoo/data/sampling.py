@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mimzoo.seeding import AUGMENTATION, DATA_ORDER, derive_seed, kept_rng_states, seed_host
 
@@ -68,3 +68,15 @@ class SeededDataset(Dataset):
     def __getitems__(self, items: list) -> list:
         with kept_rng_states():
             return [self._get(item) for item in items]
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader, which Lightning counts as resumable (no "dataloader is not resumable" warning on a
+    mid-epoch resume): its place in the epoch comes back through ``MIMDataModule.state_dict`` and the
+    :class:`ResumableSampler`, so it has no state of its own."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass

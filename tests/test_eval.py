@@ -184,7 +184,8 @@ def test_finetune_layer_decay(tiny_mae):
     assert decay["head.weight"] == 0.05 and decay["pos_embed"] == decay["cls_token"] == decay["head.bias"] == 0
     # The shared per-step schedule multiplies each group's lr by its lr_scale.
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    fake_trainer = SimpleNamespace(estimated_stepping_batches=100, max_epochs=10, num_training_batches=10)
+    fake_trainer = SimpleNamespace(estimated_stepping_batches=100, max_epochs=10, max_steps=-1, num_training_batches=10,
+                                   accumulate_grad_batches=1)
     warmup_cosine(optimizer, fake_trainer, warmup_epochs=1)["scheduler"].step_update(50)
     top = max(g["lr"] for g in optimizer.param_groups)
     assert all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in optimizer.param_groups)

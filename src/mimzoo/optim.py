@@ -7,6 +7,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from timm.scheduler import CosineLRScheduler
 
 
@@ -29,14 +30,36 @@ def cosine_ramp(step: int, total: int, start: float, end: float) -> float:
     return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
 
 
-def steps_per_epoch(trainer: L.Trainer) -> float:
-    """Optimiser steps in one epoch (for schedules configured in epochs)."""
-    total = int(trainer.estimated_stepping_batches)
-    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-    if epochs:
-        return total / epochs
-    batches = trainer.num_training_batches  # inf before the loader is sized: count the run as one epoch
-    return batches / trainer.accumulate_grad_batches if math.isfinite(batches) else max(total, 1)
+def steps_per_epoch(trainer: L.Trainer) -> int:
+    """Optimiser steps in one real epoch: the batches the train loader gives each process per epoch (data size,
+    batch size, devices, ``drop_last``, ``limit_train_batches``) over ``accumulate_grad_batches``, rounded up as
+    Lightning steps. Sizes the train loader when it is not loaded yet."""
+    trainer.estimated_stepping_batches  # loads the train loader (its length) when needed
+    batches = trainer.num_training_batches
+    if math.isfinite(batches):
+        return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+    # a loader of unknown length (iterable data set): max_steps spread over max_epochs, or the run is one epoch
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    return max(math.ceil(trainer.max_steps / epochs), 1) if trainer.max_steps > 0 else 1
+
+
+def schedule_steps(trainer: L.Trainer) -> int:
+    """Optimiser steps every schedule (warm-up + cosine, weight decay, EMA momentum, temperatures) is laid out
+    over: ``max_epochs`` real epochs. ``trainer.max_steps`` only stops a run early (see :func:`early_stop_note`);
+    it sets the length only without an epoch limit (``max_epochs=-1``)."""
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return steps_per_epoch(trainer) * trainer.max_epochs
+    return max(int(trainer.estimated_stepping_batches), 1)
+
+
+def early_stop_note(trainer: L.Trainer) -> str | None:
+    """A line saying that ``trainer.max_steps`` ends the run before its schedules end, or None."""
+    total = schedule_steps(trainer)
+    if not 0 < trainer.max_steps < total:
+        return None
+    return (f"trainer.max_steps={trainer.max_steps} stops this run early, at step {trainer.max_steps} of the {total} "
+            f"its schedules are laid out over (trainer.max_epochs={trainer.max_epochs} x {steps_per_epoch(trainer)} "
+            "steps per epoch); warm-up, cosine and the other epoch-denominated schedules keep their length")
 
 
 class StepCosineScheduler(CosineLRScheduler):
@@ -54,7 +77,7 @@ class StepCosineScheduler(CosineLRScheduler):
 def warmup_cosine(optimizer, trainer: L.Trainer, warmup_epochs: float, min_lr: float = 0.0) -> dict:
     """Lightning scheduler config: linear warm-up from 0 over ``warmup_epochs``, then cosine to
     ``min_lr``, updated every optimiser step; honours per-group ``lr_scale`` (layer decay)."""
-    total = int(trainer.estimated_stepping_batches)
+    total = schedule_steps(trainer)
     warmup = min(int(round(warmup_epochs * steps_per_epoch(trainer))), max(total - 1, 0))
     scheduler = StepCosineScheduler(
         optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup, warmup_lr_init=0.0,
@@ -75,7 +98,16 @@ def adamw_warmup_cosine(trainer: L.Trainer, param_groups, cfg: dict) -> dict:
 
 
 class StepScheduledModule(L.LightningModule):
-    """Drives timm schedulers from Lightning, once per optimiser step."""
+    """Drives timm schedulers from Lightning, once per optimiser step; says once when ``max_steps`` cuts the
+    run short of its schedules."""
 
     def lr_scheduler_step(self, scheduler, metric):
         scheduler.step_update(num_updates=self.global_step)
+
+    def on_train_start(self):
+        for config in self.trainer.lr_scheduler_configs:  # the rate of the coming step, also after a resume
+            if hasattr(config.scheduler, "step_update"):
+                config.scheduler.step_update(num_updates=self.global_step)
+        note = early_stop_note(self.trainer)
+        if note:
+            rank_zero_info(f"mimzoo: {note}")

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mimzoo.callbacks import LogIntervalFit, ReconstructionPanels
+from mimzoo.callbacks.preemption import Preemption, cluster_plugins, requeued_ckpt_path
 from mimzoo.checkpoints import read_checkpoint
 from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, silence_unactionable_warnings
 from mimzoo.data import primary_view
@@ -52,6 +53,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
         LogIntervalFit(),
+        Preemption(run_dir / "checkpoints" / "last.ckpt"),  # SIGTERM/SIGUSR1: checkpoint, exit != 0, SLURM requeue
     ]
     if cfg.recon.enabled:
         callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
@@ -105,11 +107,11 @@ def train(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     model = build_model(cfg)
     datamodule = build_datamodule(cfg, model)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.ckpt_path, run_dir), run_dir)
     check_resume_checkpoint(ckpt_path)
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir, model),
                           logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
-                          plugins=[AtomicCheckpointIO()])
+                          plugins=[AtomicCheckpointIO(), *cluster_plugins()])
     fit_model = torch.compile(model) if cfg.compile else model
     trainer.fit(fit_model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,18 +1,50 @@
 """The one LightningDataModule: train split with a training augmentation, test split for validation,
-and a train split with the evaluation transform for kNN feature banks."""
+and a train split with the evaluation transform for kNN feature banks.
+
+The training loader's order and augmentation are pure functions of (seed, epoch, index) (:mod:`mimzoo.seeding`),
+and the module's ``state_dict`` holds where training stands in its epoch, so a resume from a mid-epoch checkpoint
+carries on with the very batches the uninterrupted run would have drawn."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
+import multiprocessing
+import signal
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 from torch.utils.data import DataLoader
 
 from mimzoo.errors import DataError
+from mimzoo.seeding import run_seed
 
 from .datasets import build_dataset, num_classes_of
+from .sampling import ResumableDataLoader, ResumableSampler, SeededDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, build_transform
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loading workers leave SIGTERM and SIGUSR1 to the main process, which stops at a step boundary and shuts
+    them down itself: a signal sent to every process of a job (as SLURM sends it) must not kill them first."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+@functools.cache
+def _stop_workers_at_exit() -> None:
+    """Workers still alive when the interpreter exits (a loader nobody shut down) are stopped by multiprocessing's
+    exit handler with SIGTERM, which they ignore, before it joins them: stop them with SIGKILL first (atexit runs
+    this before that handler, registered earlier). Daemonic children never outlive the interpreter either way."""
+    atexit.register(_kill_daemonic_children)
 
 
 class MIMDataModule(L.LightningDataModule):
@@ -42,6 +74,7 @@ class MIMDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.train_views: dict | None = None  # set by methods that train on multi-crop views (iBOT)
         self._sets: dict = {}
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done in it) from a checkpoint
 
     def _dataset(self, split: str):
         if split not in self._sets:
@@ -66,15 +99,27 @@ class MIMDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return num_classes_of(self._dataset("val"))
 
-    def _loader(self, split: str, shuffle: bool, drop_last: bool):
+    def _loader(self, split: str, shuffle: bool, drop_last: bool, **kwargs):
         workers = self.hparams.num_workers
-        return DataLoader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+        dataset, loader = kwargs.pop("dataset", None), kwargs.pop("loader", DataLoader)
+        if workers > 0:
+            _stop_workers_at_exit()
+        dataset = self._dataset(split) if dataset is None else dataset
+        return loader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                          worker_init_fn=ignore_stop_signals if workers > 0 else None, **kwargs)
 
     def train_dataloader(self):
-        loader = self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
-        self._check_batches(len(loader.dataset))
-        return loader
+        """Shuffled by a :class:`ResumableSampler` (sharded over the trainer's ranks, started where a resumed
+        checkpoint left off) over the training set wrapped in a :class:`SeededDataset`."""
+        trainer, seed = self.trainer, run_seed()
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        epoch, batches = self._resume or (0, 0)
+        sampler = ResumableSampler(self._dataset("train"), num_replicas=world, rank=rank, seed=seed, epoch=epoch,
+                                   start=batches * self.batch_size)
+        self._check_batches(len(self._dataset("train")))
+        return self._loader("train", shuffle=False, drop_last=self.hparams.drop_last, sampler=sampler,
+                            dataset=SeededDataset(self._dataset("train"), seed), loader=ResumableDataLoader)
 
     def _check_batches(self, num_images: int) -> None:
         """A batch larger than a process's share of the training split leaves no batch (drop_last): refuse it
@@ -86,6 +131,24 @@ class MIMDataModule(L.LightningDataModule):
             raise DataError(
                 f"data.batch_size={self.batch_size} is larger than the {per_process} training images of "
                 f"{self.hparams.name}{share}, so no full batch is left: set data.batch_size={per_process} or less")
+
+    def state_dict(self) -> dict:
+        """Where training stands: the epoch and the batches this process has trained on in it (a checkpoint
+        saved at an epoch's end points at the next epoch's start)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        fit = trainer.fit_loop
+        epoch = fit.epoch_progress.current.completed
+        in_epoch = fit.epoch_progress.current.ready > epoch
+        batches = fit.epoch_loop.batch_progress.current.processed if in_epoch else 0
+        if batches >= trainer.num_training_batches:
+            epoch, batches = epoch + 1, 0
+        return {"train_position": {"epoch": int(epoch), "batches": int(batches)}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        position = state_dict.get("train_position")
+        self._resume = (position["epoch"], position["batches"]) if position else None
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False, drop_last=False)

@@ -26,15 +26,18 @@ May override (default in brackets)
     ``train_views`` [None]: the multi-crop the data module must produce instead of one view (iBOT).
     ``eval_encoder`` [``self.encoder``]: the encoder probes, ``mimzoo-eval`` and ``mimzoo-export`` use
     (iBOT: the teacher).
-    :meth:`sample_mask` [a draw from the mask strategy]: the mask of a batch given none (SG-MAE:
-    informed masks after its switch).
+    :meth:`sample_mask` [a draw from the mask strategy with ``mask_generator``]: the mask of a batch given
+    none (SG-MAE: informed masks after its switch).
     :meth:`features`, :meth:`encode`, :meth:`export_timm` [through ``eval_encoder``/``encoder``].
     ``configure_callbacks`` (Lightning's) for method-specific pictures (SG-MAE's informed masks).
 
 Done here once for every method: the mask strategy from the registry, AdamW with the usual no-decay
 groups, ``lr = blr * effective_batch / 256``, warm-up + cosine per step (and an optional weight-decay
 cosine), logging of the loss and of ``MIMOutput.logs``, fixed validation masks, the non-finite-loss
-guard, and checkpoint metadata.
+guard, checkpoint metadata, and randomness a resume reproduces exactly (:mod:`mimzoo.seeding`): before every
+training batch the global torch RNG (dropout, drop-path, Gumbel noise) is re-seeded and ``mask_generator``, the
+generator training masks are drawn from, is made anew, both from (seed, epoch, batch index, rank). A method
+that draws anything random in training draws it from one of the two.
 
 No host syncs in a training step: masks are drawn on the CPU and copied without blocking, nothing
 is read back from the device (``bool``/``int``/``float``/``.item()`` of a device tensor, ``nonzero``,
@@ -54,7 +57,8 @@ from timm.optim import param_groups_weight_decay
 
 from mimzoo import masking
 from mimzoo.nn import MaskedEncoder
-from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine, cosine_ramp
+from mimzoo.optim import StepScheduledModule, adamw_warmup_cosine, cosine_ramp, schedule_steps
+from mimzoo.seeding import TRAIN_GLOBAL, TRAIN_MASKS, derive_seed, run_seed, seed_torch
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
 
@@ -98,6 +102,8 @@ class MIMMethod(StepScheduledModule):
         self.optim_cfg = {**self.default_optim, **(optim or {})}
         self.val_mask_seed = 1234  # fixed masks on validation so val/loss compares across runs
         self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None  # (first bad step, its loss), on the device
+        self.mask_generator: torch.Generator | None = None  # per training batch, see on_train_batch_start
+        self._seed = run_seed()
 
     # --- what the framework reads -------------------------------------------------------------
     @property
@@ -143,8 +149,9 @@ class MIMMethod(StepScheduledModule):
         return masking.to_device(mask, self.device if device is None else device)
 
     def sample_mask(self, images: torch.Tensor) -> torch.Tensor:
-        """The mask of a batch given none: a draw from the strategy."""
-        return self.draw_mask(images.shape[0])
+        """The mask of a batch given none: a draw from the strategy with ``mask_generator`` (in a training batch;
+        the global RNG elsewhere)."""
+        return self.draw_mask(images.shape[0], self.mask_generator)
 
     def resolve_mask(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Check the image size, then use the given mask (checked by the encoder) or :meth:`sample_mask`."""
@@ -228,18 +235,29 @@ class MIMMethod(StepScheduledModule):
             group["decayed"] = group["weight_decay"] > 0
         return groups
 
+    def on_train_start(self):
+        super().on_train_start()
+        self._seed = run_seed()
+
     def on_train_batch_start(self, batch, batch_idx):
-        """With ``optim.weight_decay_end`` set (iBOT/DINO), weight decay follows a per-step cosine
-        from ``optim.weight_decay`` to it on the decayed group."""
+        """Seeds this batch's randomness from its position (a resumed run redraws it exactly); with
+        ``optim.weight_decay_end`` set (iBOT/DINO), weight decay follows a per-step cosine from
+        ``optim.weight_decay`` to it on the decayed group."""
+        position = (self.current_epoch, batch_idx, self.global_rank)
+        seed_torch(derive_seed(self._seed, TRAIN_GLOBAL, *position), self.device)
+        self.mask_generator = torch.Generator().manual_seed(derive_seed(self._seed, TRAIN_MASKS, *position))
         end = self.optim_cfg.get("weight_decay_end")
         if end is None:
             return
-        wd = cosine_ramp(self.global_step, int(self.trainer.estimated_stepping_batches),
+        wd = cosine_ramp(self.global_step, schedule_steps(self.trainer),
                          self.optim_cfg["weight_decay"], end)
         for group in self.trainer.optimizers[0].param_groups:
             if group.get("decayed"):
                 group["weight_decay"] = wd
         self.log("train/weight_decay", host_scalar(wd))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.mask_generator = None
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.trainer, self.param_groups(self.optim_cfg["weight_decay"]), self.optim_cfg)

@@ -20,6 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mimzoo.nn.dvae import DiscreteVAE, kl_to_uniform
 from mimzoo.nn.tokenizer import DVAETokenizer
+from mimzoo.optim import schedule_steps
 
 from .base import MIMMethod, MIMOutput
 
@@ -122,7 +123,7 @@ class DVAE(MIMMethod):
         return out
 
     def configure_optimizers(self):
-        self.total_steps = int(self.trainer.estimated_stepping_batches)  # the tau and KL schedules' length
+        self.total_steps = schedule_steps(self.trainer)  # the tau and KL schedules' length
         return super().configure_optimizers()
 
 

@@ -230,7 +230,7 @@ class SGMAE(MAE):
         """In training after the switch, an informed mask; otherwise a draw from the random strategy."""
         if not (self.training and self.informed):
             return super().sample_mask(images)
-        informed = self.informed_mask(images)
+        informed = self.informed_mask(images, self.mask_generator)
         if self._trainer is not None:
             self.log("sgmae/fallback_rate", informed.fallback.float().mean())  # a device tensor: no sync
         return informed.mask

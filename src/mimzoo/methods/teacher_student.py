@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mimzoo.optim import cosine_ramp
+from mimzoo.optim import cosine_ramp, schedule_steps
 
 from .base import MIMMethod, host_scalar
 
@@ -35,8 +35,7 @@ class TeacherStudentMethod(MIMMethod):
         self._ema_pairs.append((teacher, student))
 
     def momentum_at(self, step: int) -> float:
-        total = int(self.trainer.estimated_stepping_batches)
-        return cosine_ramp(step, total, self.momentum, self.momentum_end)
+        return cosine_ramp(step, schedule_steps(self.trainer), self.momentum, self.momentum_end)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

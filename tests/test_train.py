@@ -132,6 +132,7 @@ def test_slurm_launcher_and_ddp_configs_compose():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+    assert launcher.additional_parameters.signal == "USR1@120"  # checkpoint + requeue before the time limit
     assert cfg.trainer.strategy == "ddp"
 
 

@@ -65,21 +65,29 @@ class Preemption(L.Callback):
         self.signum: int | None = None
         self._trainer = None
         self._stopping = False
+        self._previous: dict = {}  # the handlers ours replaced, put back when training ends
 
     # --- signals ------------------------------------------------------------------------------
-    def setup(self, trainer, pl_module, stage):
-        if stage == "fit":
-            self._install(trainer)  # early, so a signal during set-up waits for the first step too
-
     def on_train_start(self, trainer, pl_module):
-        self._install(trainer)  # again: Lightning put its own SIGTERM handler in place in between
-
-    def _install(self, trainer) -> None:
+        """Ours replace Lightning's (a SIGTERM before this, during set-up, goes Lightning's way: it stops the run
+        at its first step's end, and :meth:`on_exception` saves there all the same)."""
         if threading.current_thread() is not threading.main_thread():
             return
         self._trainer = trainer
         for signum in STOP_SIGNALS:
-            signal.signal(signum, self._handle)
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _restore(self) -> None:
+        while self._previous:
+            signum, handler = self._previous.popitem()
+            if handler is not None:  # None: not installed from Python, nothing to put back
+                signal.signal(signum, handler)
+
+    def on_train_end(self, trainer, pl_module):
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage):
+        self._restore()
 
     def _handle(self, signum, frame) -> None:
         first = self.signum is None
@@ -113,8 +121,10 @@ class Preemption(L.Callback):
 
     # --- the checkpoint and the exit ----------------------------------------------------------
     def on_exception(self, trainer, pl_module, exception):
-        if not isinstance(exception, SIGTERMException) or self.signum is None:
+        self._restore()
+        if not isinstance(exception, SIGTERMException):
             return
+        self.signum = self.signum or signal.SIGTERM  # None: Lightning's handler took it, before on_train_start
         trainer.save_checkpoint(self.ckpt_path)
         name = signal.Signals(self.signum).name
         job = slurm_job_id() if self.signum == REQUEUE_SIGNAL and SLURMEnvironment.detect() else None

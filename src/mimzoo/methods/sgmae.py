@@ -168,6 +168,9 @@ class SGMAE(MAE):
         self.register_buffer("sg_seen_below", torch.tensor(False))  # a probe with R_M < R_V happened
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
         self._host_copies: dict[str, tuple[torch.Tensor, int, object]] = {}
+        self._epoch_logs: tuple[int, dict] | None = None  # (epoch, the probe values logged at its start)
+        self._relog = False
+
 
     def _host_value(self, name: str):
         """A switch buffer's value read on the host once per change, not once per step (on a GPU each
@@ -294,16 +297,34 @@ class SGMAE(MAE):
 
     def on_train_epoch_start(self):
         rates = self.probe_exploitation(*self.probe_batch())
+        logs = {}
         for i, (v, m) in enumerate(zip(rates["visible"], rates["mask"])):
-            self.log(f"sgmae/exploit_visible_l{i}", v, on_epoch=True)
-            self.log(f"sgmae/exploit_mask_l{i}", m, on_epoch=True)
-        self.log("sgmae/exploit_visible", rates["agg_visible"], on_epoch=True)
-        self.log("sgmae/exploit_mask", rates["agg_mask"], on_epoch=True)
+            logs[f"sgmae/exploit_visible_l{i}"], logs[f"sgmae/exploit_mask_l{i}"] = v, m
+        logs["sgmae/exploit_visible"], logs["sgmae/exploit_mask"] = rates["agg_visible"], rates["agg_mask"]
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         self.update_switch(self.current_epoch, rates["holds"], max_epochs)
-        self.log("sgmae/informed", float(self.informed), on_epoch=True)
+        logs["sgmae/informed"] = float(self.informed)
         if self.informed:
-            self.log("sgmae/switch_epoch", float(self.sg_switch_epoch), on_epoch=True)
+            logs["sgmae/switch_epoch"] = float(self.sg_switch_epoch)
+        self._epoch_logs = (self.current_epoch, {k: float(v) for k, v in logs.items()})
+        for name, value in logs.items():
+            self.log(name, value, on_epoch=True, batch_size=1)
+
+    # A resume mid-epoch skips on_train_epoch_start: the epoch's probe values come from the checkpoint instead.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["sgmae_epoch_logs"] = self._epoch_logs
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._epoch_logs = checkpoint.get("sgmae_epoch_logs")
+        self._relog = True
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        if self._relog and self._epoch_logs and self._epoch_logs[0] == self.current_epoch and batch_idx > 0:
+            for name, value in self._epoch_logs[1].items():
+                self.log(name, torch.tensor(value, dtype=torch.float32), on_step=False, on_epoch=True, batch_size=1)
+        self._relog = False
 
     def configure_callbacks(self):
         """The bipartition / informed-mask pictures, into ``<run dir>/informed_masks``."""

@@ -171,7 +171,6 @@ class SGMAE(MAE):
         self._epoch_logs: tuple[int, dict] | None = None  # (epoch, the probe values logged at its start)
         self._relog = False
 
-
     def _host_value(self, name: str):
         """A switch buffer's value read on the host once per change, not once per step (on a GPU each
         read is a sync): in-place writes (``fill_``, ``load_state_dict``'s ``copy_``) bump the tensor's

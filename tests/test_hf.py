@@ -6,9 +6,6 @@ evaluation transform. Also: exports carry the training preprocessing (timm ``pre
 architecture name."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,16 +248,15 @@ def test_exported_image_processor_is_our_eval_transform(tmp_path):
 
 
 # --- timm exports: the training preprocessing and timm's name ---------------------------------------
-def test_cli_export_carries_the_training_preprocessing(tmp_path):
+@pytest.mark.slow
+def test_cli_export_carries_the_training_preprocessing(tmp_path, cli):
     """A tiny CLI pre-training run with its own mean/std -> mimzoo-export -> timm.create_model(**json):
     resolve_data_config gives 32 px and the run's mean/std back (not timm's 224 px, 0.5), and
     --format hf writes the same into the image processor."""
     mean, std = [0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616]
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mimzoo.train", *TINY, "trainer.max_steps=2", "logger=csv", "probe.knn.enabled=false",
-           "recon.enabled=false", f"+data.mean={mean}", f"+data.std={std}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli("train", *TINY, "trainer.max_steps=2", "logger=csv", "probe.knn.enabled=false", "recon.enabled=false",
+        f"+data.mean={mean}", f"+data.std={std}", f"hydra.run.dir={run_dir}")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     export_main([str(ckpt), str(tmp_path / "vit.pth")])
     kwargs = json.loads((tmp_path / "vit.pth.json").read_text())

@@ -120,6 +120,19 @@ class Preemption(L.Callback):
             trainer._signal_connector.received_sigterm = True
 
     # --- the checkpoint and the exit ----------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        """A run that ``trainer.max_steps`` stops mid-epoch still runs its epoch-end hooks, and a checkpoint saved
+        there reads to Lightning as a finished epoch: resumed, it would skip the epoch's remaining batches. Mark
+        the epoch as not finished, so the resume carries on with them, as the uninterrupted run does."""
+        if not 0 < trainer.max_steps <= trainer.global_step:
+            return
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+        if not epochs or not batches or batches["current"]["processed"] >= trainer.num_training_batches:
+            return
+        for part in ("current", "total"):
+            epochs[part]["processed"] = min(epochs[part]["processed"], epochs[part]["completed"])
+
     def on_exception(self, trainer, pl_module, exception):
         self._restore()
         if not isinstance(exception, SIGTERMException):

@@ -58,7 +58,8 @@ def requeued_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 
 class Preemption(L.Callback):
     """Stop on SIGTERM/SIGUSR1 at the next step boundary with a checkpoint at ``ckpt_path`` (see the module
-    docstring); requeue under SLURM on SIGUSR1."""
+    docstring); requeue under SLURM on SIGUSR1. Also keeps the checkpoint of a run that ``trainer.max_steps`` stops
+    mid-epoch resumable mid-epoch (:meth:`on_save_checkpoint`)."""
 
     def __init__(self, ckpt_path: str | Path):
         self.ckpt_path = Path(ckpt_path)

@@ -1,8 +1,9 @@
 """Exact resume (slow tier): every method, 8 steps straight vs cut + resumed from ``last.ckpt``, at an epoch
 boundary (cut at step 4, the end of epoch 0) and mid-epoch (cut at step 6, batch 2 of 4 of epoch 1; for MAE and
-iBOT also with two data-loading workers), must end with bit-identical weights, buffers (iBOT's centres, SG-MAE's
-switch state), optimiser state and metrics.csv values (all but ThroughputMonitor's timings and counts). The cut
-is ``trainer.max_steps``, which stops a run early without touching its epoch-laid schedules.
+iBOT also from a step checkpoint and with two data-loading workers), must end with bit-identical weights, buffers
+(iBOT's centres, SG-MAE's switch state), optimiser state and metrics.csv values (all but ThroughputMonitor's
+timings and counts). The cut is ``trainer.max_steps``, which stops a run early without touching its epoch-laid
+schedules. (Signals mid-epoch: tests/test_preemption.py.)
 
 One subprocess per method runs its five trainings (tests/train_sequence.py) to save interpreter starts.
 """
@@ -43,11 +44,12 @@ def method_overrides(method: str, tokenizer: Path) -> list[str]:
 
 
 METHODS = ["mae", "convmae", "simmim", "sgmae", "ibot", "dvae", "beit"]
-MID_EPOCH = ["checkpoint.every_n_epochs=null", "checkpoint.every_n_train_steps=2"]
+STEP_CHECKPOINTS = ["checkpoint.every_n_epochs=null", "checkpoint.every_n_train_steps=2"]
 CUTS = {"epoch": (4, []),  # end of epoch 0: the epoch-end checkpoint
-        "mid": (6, MID_EPOCH),  # batch 2 of 4 of epoch 1: a step checkpoint
-        # the same with two loading workers each side of the cut: order and augmentation do not depend on them
-        "mid-workers": (6, [*MID_EPOCH, "data.num_workers=2"])}
+        "mid": (6, []),  # batch 2 of 4 of epoch 1: the checkpoint max_steps leaves (saved by epoch-end hooks)
+        # batch 2 of 4 of epoch 1 again: a step checkpoint, and two loading workers each side of the cut (order and
+        # augmentation do not depend on them)
+        "mid-workers": (6, [*STEP_CHECKPOINTS, "data.num_workers=2"])}
 WORKER_CUTS = ("mae", "ibot")  # the augmentations with the most randomness: MAE's crops, iBOT's multi-crop
 
 
@@ -118,9 +120,11 @@ THROUGHPUT = ("batches", "samples", "items", "lengths", "time")
 
 def metric_values(*paths: Path) -> dict:
     """``{(step, column): [values...]}`` of one or more metrics.csv files (later files after earlier ones),
-    wall-clock columns left out."""
+    ThroughputMonitor's columns left out."""
     values: dict = {}
     for path in paths:
+        if not path.exists():  # a resumed run that logged nothing (and deleted what was there) has none
+            continue
         for row in csv.DictReader(open(path)):
             for col, v in row.items():
                 throughput = col.split("/", 1)[-1] in THROUGHPUT or col.endswith("_per_sec")

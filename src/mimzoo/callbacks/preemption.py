@@ -58,7 +58,8 @@ def requeued_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 
 class Preemption(L.Callback):
     """Stop on SIGTERM/SIGUSR1 at the next step boundary with a checkpoint at ``ckpt_path`` (see the module
-    docstring); requeue under SLURM on SIGUSR1."""
+    docstring); requeue under SLURM on SIGUSR1. Also keeps the checkpoint of a run that ``trainer.max_steps`` stops
+    mid-epoch resumable mid-epoch (:meth:`on_save_checkpoint`)."""
 
     def __init__(self, ckpt_path: str | Path):
         self.ckpt_path = Path(ckpt_path)
@@ -120,6 +121,19 @@ class Preemption(L.Callback):
             trainer._signal_connector.received_sigterm = True
 
     # --- the checkpoint and the exit ----------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        """A run that ``trainer.max_steps`` stops mid-epoch still runs its epoch-end hooks, and a checkpoint saved
+        there reads to Lightning as a finished epoch: resumed, it would skip the epoch's remaining batches. Mark
+        the epoch as not finished, so the resume carries on with them, as the uninterrupted run does."""
+        if not 0 < trainer.max_steps <= trainer.global_step:
+            return
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+        if not epochs or not batches or batches["current"]["processed"] >= trainer.num_training_batches:
+            return
+        for part in ("current", "total"):
+            epochs[part]["processed"] = min(epochs[part]["processed"], epochs[part]["completed"])
+
     def on_exception(self, trainer, pl_module, exception):
         self._restore()
         if not isinstance(exception, SIGTERMException):

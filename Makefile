@@ -33,7 +33,7 @@ demo: install
 # Two tiers: the fast in-process tests first, so their failures show early, then the slow ones (marked
 # `slow`: end-to-end runs of the entry points in subprocesses, two-process DDP).
 test: test-fast
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n 2
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -33,6 +33,11 @@ if not (Path(os.environ["MIMZOO_DATA"]) / "cifar10-mini" / "cifar-10-batches-py"
     _synthetic = Path(tempfile.mkdtemp(prefix="mimzoo-data-"))
     _write_synthetic_cifar10_mini(_synthetic)
     os.environ["MIMZOO_DATA"] = str(_synthetic)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the slow tier runs on 2 pytest processes: one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"     # the runs they launch included, so 2 cores are not oversubscribed
+    import torch
+
+    torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 

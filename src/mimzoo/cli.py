@@ -122,6 +122,9 @@ def silence_unactionable_warnings() -> None:
     # Lightning 2.6's own pytree helper builds torch's deprecated LeafSpec (torch>=2.10 FutureWarning):
     # Lightning's code, not ours or the user's; gone when Lightning stops using it.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # Under bf16-mixed (the default on bf16 hardware) Lightning's model summary says it sizes parameters at 32 bits,
+    # which is what they are stored in: the summary is right and there is nothing to change.
+    warnings.filterwarnings("ignore", r"Precision bf16-mixed is not supported by the model summary")
     # Lightning advertises its paid services at every Trainer start (rank_zero_info); not a warning and
     # nothing to act on (logging filter: it is a log record, not a Python warning).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_tips)

@@ -19,13 +19,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from mimzoo.callbacks import LogIntervalFit, ReconstructionPanels
+from mimzoo.callbacks import LogIntervalFit, ReconstructionPanels, RunCost
 from mimzoo.callbacks.preemption import Preemption, cluster_plugins, requeued_ckpt_path
 from mimzoo.checkpoints import read_checkpoint
 from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, silence_unactionable_warnings
 from mimzoo.data import primary_view
 from mimzoo.errors import CheckpointError, MissingFileError, user_errors
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
+from mimzoo.precision import configure_attention, device_type, resolve_precision
 from mimzoo.rundir import AtomicCheckpointIO, MetricsHistory, checkpoint_callbacks, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
@@ -54,6 +55,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
         ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
         LogIntervalFit(),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),  # SIGTERM/SIGUSR1: checkpoint, exit != 0, SLURM requeue
+        RunCost(run_dir / "cost.json", count_flops=not cfg.compile),  # wall-clock, img/s, FLOPs, memory, size
     ]
     if cfg.recon.enabled:
         callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
@@ -109,7 +111,9 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg, model)
     ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.ckpt_path, run_dir), run_dir)
     check_resume_checkpoint(ckpt_path)
-    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir, model),
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    configure_attention(model, precision, device_type(cfg.trainer.accelerator))
+    trainer = instantiate(cfg.trainer, precision=precision, callbacks=build_callbacks(cfg, run_dir, model),
                           logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
                           plugins=[AtomicCheckpointIO(), *cluster_plugins()])
     fit_model = torch.compile(model) if cfg.compile else model

@@ -8,6 +8,8 @@ config (``.hydra/``), ``checkpoints/`` (``last.ckpt`` included), ``metrics.csv``
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -24,7 +26,7 @@ from mimzoo.callbacks.preemption import Preemption, cluster_plugins, requeued_ck
 from mimzoo.checkpoints import read_checkpoint
 from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, silence_unactionable_warnings
 from mimzoo.data import primary_view
-from mimzoo.errors import CheckpointError, MissingFileError, user_errors
+from mimzoo.errors import CheckpointError, MissingFileError, UserError, user_errors
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
 from mimzoo.precision import configure_attention, device_type, resolve_precision
 from mimzoo.rundir import AtomicCheckpointIO, MetricsHistory, checkpoint_callbacks, claim_run_dir, release_run_dir
@@ -99,12 +101,31 @@ def check_resume_checkpoint(ckpt_path: str | None) -> None:
         raise CheckpointError(f"cannot resume: {err}") from err
 
 
+def train_prerequisites(cfg: DictConfig) -> None:
+    """``prerequisites``: runs this one needs first (BEiT's dVAE tokenizer), each trained once in its own run
+    directory (``mimzoo-train <overrides> hydra.run.dir=<run_dir>``) and reused by every later job that names the
+    same directory. A finished stage (its ``cost.json`` is written at the end of fit) is reused as it is; an
+    interrupted one (a ``last.ckpt`` but no ``cost.json``) is resumed; a failed one stops this job with its log."""
+    for name, stage in (cfg.get("prerequisites") or {}).items():
+        run_dir = Path(stage.run_dir).resolve()
+        if (run_dir / "cost.json").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file():
+            summary_log.info(f"mimzoo: prerequisite {name}: reusing {run_dir}")
+            continue
+        resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
+        cmd = [sys.executable, "-m", "mimzoo.train", *stage.overrides, *resume, f"hydra.run.dir={run_dir}"]
+        summary_log.info(f"mimzoo: prerequisite {name}: training it first in {run_dir}")
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"prerequisite {name!r} failed to train: see {run_dir / 'train.log'}; fix it and rerun "
+                            "(a stage that wrote a checkpoint resumes from it)")
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one pre-training job; returns the last logged metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_cpu_devices(cfg.trainer)
     # One live run per directory; a resume that changes the experiment is refused here, before anything is built.
     lock = claim_run_dir(cfg, run_dir, "mimzoo-train", resume=cfg.ckpt_path is not None)
+    train_prerequisites(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     model = build_model(cfg)
@@ -118,6 +139,9 @@ def train(cfg: DictConfig) -> dict:
                           plugins=[AtomicCheckpointIO(), *cluster_plugins()])
     fit_model = torch.compile(model) if cfg.compile else model
     trainer.fit(fit_model, datamodule=datamodule, ckpt_path=ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.trainer.max_steps == 0 and not last.exists():  # the untrained network, the floor of a comparison
+        trainer.save_checkpoint(last)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         summarize(run_dir, trainer, metrics)

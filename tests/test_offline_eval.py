@@ -170,3 +170,15 @@ def test_bad_directory_or_protocol_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "r" / "checkpoints" / "last.ckpt").write_bytes(b"")
     with pytest.raises(UserExit, match="unknown offline protocol"):
         main([str(tmp_path), "protocols=[knn,probe]"])
+
+
+def test_unquoted_override_list_names_the_quoted_form():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mimzoo.cli import check_overrides
+
+    with pytest.raises(ConfigError) as err:
+        check_overrides(["offline_eval.linear=[trainer.max_epochs=2,protocol.blr=10]"])
+    fix = str(err.value).split('e.g. "')[1].split('"')[0]
+    assert fix == "offline_eval.linear=['trainer.max_epochs=2','protocol.blr=10']"
+    assert OverridesParser.create().parse_overrides([fix])[0].value() == ["trainer.max_epochs=2", "protocol.blr=10"]

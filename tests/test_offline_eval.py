@@ -112,10 +112,17 @@ def test_sweep_command_fills_skips_redoes_and_waits_for_live_runs(sweep, tmp_pat
         evaluate_sweep(copy, ["knn"], [])  # everything done: nothing runs
         out = capsys.readouterr().out
         assert "0 evaluated, 2 done already" in out and "evaluating" not in out
-        results_path(copy / "1", "knn").unlink()  # a lost result is redone, the other kept
-        evaluate_sweep(copy, ["knn"], [])
+        # An evaluation killed mid-way: no results.json, its dead lock and a half-written temp file left behind.
+        results = results_path(copy / "1", "knn")
+        results.unlink()
+        (results.parent / "mimzoo.lock").write_text(yaml.safe_dump({"pid": 2 ** 22 + 1, "host": os.uname().nodename}))
+        stale = results.parent / ".results.json.mimzoo-tmp-1"
+        stale.write_text('{"top1": 0.')
+        evaluate_sweep(copy, ["knn"], [])  # redone cleanly; the other run kept
         out = capsys.readouterr().out
         assert "[2/2] 1 knn: evaluating" in out and "1 evaluated, 1 done already" in out
+        assert json.loads(results.read_text())["top1"] >= 0 and not stale.exists()
+        assert not (results.parent / "mimzoo.lock").exists()
         assert results_path(copy / "0", "knn").stat().st_mtime_ns == first
     finally:
         os.environ["WANDB_MODE"] = "disabled"

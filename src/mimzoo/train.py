@@ -128,7 +128,8 @@ def train(cfg: DictConfig) -> dict:
         summarize(run_dir, trainer, metrics)
         if offline is not None and offline.protocols and not trainer.interrupted:
             # In this job, so a SLURM sweep evaluates each point in its own job; the W&B run is still live here.
-            evaluate_run(run_dir, list(offline.protocols))
+            evaluate_run(run_dir, list(offline.protocols), progress=lambda protocol, done: print(
+                f"mimzoo: offline {protocol}: " + ("done already (results.json)" if done else "evaluating"), flush=True))
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a -m sweep starts its own W&B run

@@ -30,7 +30,7 @@ from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
 from mimzoo.precision import configure_attention, device_type, resolve_precision
-from mimzoo.rundir import AtomicCheckpointIO, claim_run_dir, release_run_dir
+from mimzoo.rundir import AtomicCheckpointIO, atomic_write, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -131,7 +131,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
                **outcome, "recipe": recipe(cfg), "run_dir": str(run_dir)}
     if rank_zero_only.rank == 0:
         out = run_dir / "results.json"
-        out.write_text(json.dumps(results, indent=2))
+        atomic_write(out, lambda f: f.write(json.dumps(results, indent=2).encode()))  # whole, or not there
         print(f"\nmimzoo-eval: {name} top-1 = {100 * results['top1']:.2f}% (ckpt {ckpt}, results in {out})")
     release_run_dir(lock)
     return results

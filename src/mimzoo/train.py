@@ -1,8 +1,8 @@
 """``mimzoo-train``: compose model/mask/data/optim/trainer/logger configs and pre-train.
 
 Each run (and each point of a ``-m`` sweep) writes into its own Hydra directory: the resolved
-config (``.hydra/``), ``checkpoints/`` (``last.ckpt`` included), ``metrics.csv``, ``wandb/`` and
-``reconstructions/``.
+config (``.hydra/``), ``checkpoints/`` (``last.ckpt`` included), ``metrics.csv``, ``wandb/``,
+``reconstructions/`` and, with ``offline_eval.protocols``, ``eval/<protocol>/`` (:mod:`mimzoo.offline_eval`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, s
 from mimzoo.data import primary_view
 from mimzoo.errors import CheckpointError, MissingFileError, UserError, user_errors
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
+from mimzoo.offline_eval import check_config as check_offline_eval
+from mimzoo.offline_eval import evaluate_run
 from mimzoo.precision import configure_attention, device_type, resolve_precision
 from mimzoo.rundir import AtomicCheckpointIO, MetricsHistory, checkpoint_callbacks, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
@@ -125,6 +127,9 @@ def train(cfg: DictConfig) -> dict:
     check_cpu_devices(cfg.trainer)
     # One live run per directory; a resume that changes the experiment is refused here, before anything is built.
     lock = claim_run_dir(cfg, run_dir, "mimzoo-train", resume=cfg.ckpt_path is not None)
+    offline = cfg.get("offline_eval")
+    if offline is not None and offline.protocols:
+        check_offline_eval(run_dir, offline)  # a bad override fails now, not after the pre-training
     train_prerequisites(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -145,6 +150,10 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         summarize(run_dir, trainer, metrics)
+        if offline is not None and offline.protocols and not trainer.interrupted:
+            # In this job, so a SLURM sweep evaluates each point in its own job; the W&B run is still live here.
+            evaluate_run(run_dir, list(offline.protocols), progress=lambda protocol, done: print(
+                f"mimzoo: offline {protocol}: " + ("done already (results.json)" if done else "evaluating"), flush=True))
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a -m sweep starts its own W&B run

@@ -67,6 +67,8 @@ def test_beit_trains_its_tokenizer_once_and_the_floor_is_evaluated(tmp_path, cli
     for run in ("0", "1"):  # the floor (untrained) and BEiT, each evaluated at its end
         assert 0 < json.loads((sweep / run / "eval" / "knn" / "results.json").read_text())["top1"] <= 1
     assert json.loads((sweep / "0" / "cost.json").read_text())["steps"] == 0
+    proc = cli("offline_eval", str(sweep))  # the sweep command agrees: both done, the tokenizer stage skipped
+    assert "skip tokenizer: a tokenizer stage" in proc.stdout and "0 evaluated, 2 done already" in proc.stdout
     stamp = (tokenizer / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     # Another BEiT run of the same sweep (its directory beside the others) reuses the finished stage.
     cli("train", "experiment=compare_cifar", "compare=beit", *TINY_COMPARE, f"hydra.run.dir={sweep / 'again'}")

@@ -199,7 +199,7 @@ def find_runs(root: Path) -> list[Path]:
         raise MissingFileError(f"no such directory: {root}; pass a sweep directory, e.g. multirun/<date>/<time>")
     found = {p.parent.parent for p in root.rglob("last.ckpt") if p.parent.name == "checkpoints"}
     runs = sorted((run for run in found if _is_training_run(run)),
-                  key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts])
+                  key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.relative_to(root).parts])
     if not runs:
         raise MissingFileError(f"no runs under {root} (a run is a directory with checkpoints/last.ckpt and .hydra/, "
                                "as `mimzoo-train -m ...` writes): pass a sweep or run directory")
@@ -211,6 +211,13 @@ def _is_training_run(run_dir: Path) -> bool:
     has no ``protocol``."""
     config = run_dir / ".hydra" / "config.yaml"
     return config.is_file() and "protocol" not in OmegaConf.load(config)
+
+
+def has_encoder(train_cfg: DictConfig) -> bool:
+    """Whether the run's method has features to evaluate (a tokenizer stage, BEiT's dVAE, has none)."""
+    from hydra.utils import get_class
+
+    return get_class(train_cfg.model._target_).has_features
 
 
 def unfinished(run_dir: Path, train_cfg: DictConfig) -> str | None:
@@ -225,8 +232,8 @@ def unfinished(run_dir: Path, train_cfg: DictConfig) -> str | None:
         return f"unreadable checkpoint ({err})"
     max_steps = OmegaConf.select(train_cfg, "trainer.max_steps", default=-1)
     max_epochs = OmegaConf.select(train_cfg, "trainer.max_epochs", default=None)
-    if max_steps is not None and max_steps > 0 and ckpt.get("global_step", 0) >= max_steps:
-        return None
+    if max_steps == 0 or (max_steps is not None and max_steps > 0 and ckpt.get("global_step", 0) >= max_steps):
+        return None  # (max_steps=0: the untrained network, a comparison's floor, is finished as it is)
     epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
     if max_epochs and epochs is not None and epochs < max_epochs:
         return f"stopped at epoch {epochs} of {max_epochs}"
@@ -240,9 +247,12 @@ def evaluate_sweep(root: Path, protocols: list[str] | None, extra: list[str]) ->
     from mimzoo.runlock import RunDirRefused, RunLock
 
     runs = find_runs(root)
-    plan = []
+    plan, stages = [], []
     for run in runs:
         train_cfg, _ = read_run(run)
+        if not has_encoder(train_cfg):
+            stages.append(run.relative_to(root).as_posix() or ".")
+            continue
         names = protocols if protocols is not None else chosen_protocols(OmegaConf.select(
             train_cfg, "offline_eval.protocols", default=None))
         if not names:
@@ -254,6 +264,9 @@ def evaluate_sweep(root: Path, protocols: list[str] | None, extra: list[str]) ->
 
     def say(line: str) -> None:
         print(f"mimzoo-eval-sweep: {line}", flush=True)
+
+    for name in stages:
+        say(f"skip {name}: a tokenizer stage (no encoder to evaluate)")
 
     for run, train_cfg, names in plan:
         name = run.relative_to(root).as_posix() or "."

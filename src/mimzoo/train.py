@@ -150,7 +150,8 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         summarize(run_dir, trainer, metrics)
-        if offline is not None and offline.protocols and not trainer.interrupted:
+        if offline is not None and offline.protocols and not trainer.interrupted and model.has_features:
+            # (a tokenizer stage, the dVAE, has no encoder to evaluate: a preset's offline_eval skips it)
             # In this job, so a SLURM sweep evaluates each point in its own job; the W&B run is still live here.
             evaluate_run(run_dir, list(offline.protocols), progress=lambda protocol, done: print(
                 f"mimzoo: offline {protocol}: " + ("done already (results.json)" if done else "evaluating"), flush=True))

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from mimzoo.report import COSTS, ReportError, main, report
 from mimzoo.train import CONFIG_DIR
+from conftest import TINY
 
 CONF = Path(CONFIG_DIR)  # the packaged configs, src/mimzoo/conf
 CONSTANT = ["data=cifar10_mini", "logger=csv"]
@@ -391,3 +392,95 @@ def test_broken_image_is_reported_by_the_page(tmp_path):
     text = page.read_text()
     page.write_text(text.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1))
     assert render(page, tmp_path).body["data-images"] == "broken 1"
+
+
+@pytest.fixture(scope="module")
+def evaluated_sweep(tmp_path_factory, cli):
+    """A real tiny sweep of experiment=mae_decoder_depth (decoder depth 1, 2; W&B offline), each point evaluated
+    with the real mimzoo-eval into <run>/eval/<protocol>: kNN on both, linear on depth 1 only."""
+    import os
+
+    sweep = tmp_path_factory.mktemp("e2e") / "multirun" / "depth"
+    tiny = [o for o in TINY if not o.startswith("model.decoder.depth")]
+    env_mode = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        cli("train", "-m", "experiment=mae_decoder_depth", *tiny, "model.decoder.depth=1,2", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "probe.linear.enabled=false",
+            f"hydra.sweep.dir={sweep}")
+    finally:
+        os.environ["WANDB_MODE"] = env_mode or "disabled"
+    runs = {OmegaConf.load(d / ".hydra" / "config.yaml").model.decoder.depth: d for d in (sweep / "0", sweep / "1")}
+    common = ["data=cifar10_mini", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false"]
+    for depth, run in runs.items():
+        cli("evaluate", "protocol=knn", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", *common,
+            f"hydra.run.dir={run / 'eval' / 'knn'}")
+    cli("evaluate", "protocol=linear", f"ckpt={runs[1] / 'checkpoints' / 'last.ckpt'}", *common, "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "protocol.warmup_epochs=0", f"hydra.run.dir={runs[1] / 'eval' / 'linear'}")
+    return sweep, runs
+
+
+@pytest.mark.slow
+def test_sweep_evaluated_reported_rendered_and_logged(evaluated_sweep, tmp_path):
+    import json
+    import os
+
+    sweep, runs = evaluated_sweep
+    os.environ["WANDB_MODE"], mode = "offline", os.environ.get("WANDB_MODE")
+    try:
+        result = report(sweep, out=tmp_path / "out")  # the runs logged to W&B: so does the report, by default
+    finally:
+        os.environ["WANDB_MODE"] = mode or "disabled"
+    top1 = {(d, p): json.loads((run / "eval" / p / "results.json").read_text())["top1"]
+            for d, run in runs.items() for p in ("knn", "linear") if (run / "eval" / p).exists()}
+    assert result["metric"] == "eval/linear_top1"  # an offline result is the default metric
+    rows = {r["model.decoder.depth"]: r for r in result["rows"]}
+    assert sorted(rows) == ["1", "2"]  # the evaluations' own Hydra dirs are not points of the sweep
+    assert rows["1"]["linear top-1 (offline)"] == top1[1, "linear"] and rows["2"]["linear top-1 (offline)"] == ""
+    assert [rows[d]["kNN top-1 (offline)"] for d in "12"] == [top1[1, "knn"], top1[2, "knn"]]
+    paper = "linear top-1 (paper: MAE Table 1a, ViT-L/16, IN-1K, 800 ep)"
+    assert [rows[d][paper] for d in "12"] == pytest.approx([0.655, 0.700])
+    header = result["table"].splitlines()[0].split(" | ")
+    assert header[2:5] == ["linear top-1 (offline)", "kNN top-1 (offline)", paper]
+    assert "probe/knn_top1 (online)" in header
+    assert result["series"] == ["ours", "paper: MAE Table 1a, ViT-L/16, IN-1K, 800 ep"]
+    if all((run / "cost.json").exists() for run in runs.values()):  # written by training once that lands
+        assert all(isinstance(rows[d]["GFLOPs/img (train step)"], float) and rows[d]["epochs"] == 1 for d in "12")
+    # The page, rendered: the table's offline columns and both runs' panels, decoded.
+    dom = render(result["paths"]["html"], tmp_path)
+    assert dom.header[:5] == ["run", "model.decoder.depth", "linear top-1 (offline)", "kNN top-1 (offline)", paper]
+    assert [row[2] for row in dom.rows if row] == [f"{top1[1, 'linear']:.4f}", ""]
+    assert dom.body["data-images"] == "decoded 3" and dom.captions == [
+        "model.decoder.depth=1reconstructions/epoch_0000.png", "model.decoder.depth=2reconstructions/epoch_0000.png"]
+    # W&B: the report's offline run sits in the runs' group and holds the same table and the plot.
+    logged = result["wandb"]
+    assert logged["mode"] == "offline" and logged["group"] == str(sweep).replace("/", "_")
+    wandb_run = Path(logged["where"]).parent
+    for run in runs.values():
+        assert logged["group"].encode() in next(run.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
+    assert logged["group"].encode() in next(wandb_run.glob("run-*.wandb")).read_bytes()
+    table = json.loads(next(wandb_run.glob("files/media/table/report/table_*.table.json")).read_text())
+    assert table["columns"] == [c.strip("| ") for c in header]
+    assert [row[:4] for row in table["data"]] == [[runs[1].name, "1", top1[1, "linear"], top1[1, "knn"]],
+                                                  [runs[2].name, "2", None, top1[2, "knn"]]]
+    plot = next(wandb_run.glob("files/media/images/report/plot_*.png"))
+    assert imread(plot).shape == imread(result["paths"]["png"]).shape
+
+
+@pytest.mark.parametrize("group,mode,expected", [
+    (None, "MULTIRUN", "multirun_mae_mask_ratio_2025-01-01_12-00-00"),  # the sweep dir as written, relative
+    ("mine", "MULTIRUN", "mine"),                                       # logger.wandb.group wins
+    (None, "RUN", None),                                                # a single run has no group
+])
+def test_sweep_group_as_training_named_it(tmp_path, group, mode, expected):
+    """The group build_loggers gave a run whose sweep dir was relative and held ${now:...} (not resolvable later)."""
+    from mimzoo.report import sweep_group
+
+    cwd = tmp_path / "launch"
+    run = cwd / "multirun" / "mae_mask_ratio" / "2025-01-01_12-00-00" / "3"
+    make_run(run.parent, run.name, ["mask.ratio=0.5"], None, config={"logger": {"wandb": {"group": group}}})
+    OmegaConf.save(OmegaConf.create({"hydra": {
+        "mode": mode, "job": {"num": 3}, "runtime": {"output_dir": str(run), "cwd": str(cwd)},
+        "sweep": {"dir": "multirun/${hydra.runtime.choices.experiment}/${now:%Y-%m-%d}_${now:%H-%M-%S}",
+                  "subdir": "${hydra.job.num}"}}}), run / ".hydra" / "hydra.yaml")
+    assert sweep_group(run) == expected

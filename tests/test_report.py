@@ -134,6 +134,7 @@ def test_cli(sweep, tmp_path, capsys):
     main([str(sweep), "--out", str(tmp_path / "cli")])
     out = capsys.readouterr().out
     assert "| 0.25 | 2 | 0.4500 |" in out and str(tmp_path / "cli" / "report.png") in out
+    assert str(tmp_path / "cli" / "report.html") in out and "W&B" not in out  # these runs did not log to W&B
     with pytest.raises(SystemExit) as exit_info:
         main([str(sweep), "--metric", "nope"])
     assert exit_info.value.code == 2 and "unknown metric 'nope'" in capsys.readouterr().err
@@ -229,7 +230,7 @@ def test_paper_and_cost_columns(tmp_path):
     (tmp_path / "1" / "cost.json").write_text(json.dumps(cost()))
     (tmp_path / "2" / "cost.json").write_text(json.dumps(cost(wall_clock_s=60.0, gflops_per_image=None)))
     result = report(tmp_path)
-    lin, ft = "linear top-1 (paper: MAE Table 1a, ViT-L/16, IN-1K, 800 ep)", "fine-tune top-1 (paper: MAE Table 1a, ViT-L/16, IN-1K, 800 ep)"
+    lin, ft = (f"{p} top-1 (paper: MAE Table 1a, ViT-L/16, IN-1K, 800 ep)" for p in ("linear", "fine-tune"))
     rows = {r["model.decoder.depth"]: r for r in result["rows"]}
     assert [rows[d][lin] for d in "124"] == pytest.approx([0.655, 0.700, 0.719])
     assert [rows[d][ft] for d in "124"] == pytest.approx([0.848, 0.849, 0.849])
@@ -241,7 +242,8 @@ def test_paper_and_cost_columns(tmp_path):
         (850.5, 2048.0, 2, 1280)
     assert rows["1"]["GFLOPs/img (train step)"] == 1.25 and rows["2"]["GFLOPs/img (train step)"] == ""  # compiled
     assert rows["4"]["wall-clock (min)"] == ""  # no cost.json (yet): the cell stays empty
-    assert "| 1 | 1 | 0.6550 | 0.8480 |" in result["table"] and "| 2.0 | 850.5 | 1.250 | 2048 | 5.50 |" in result["table"]
+    assert "| 1 | 1 | 0.6550 | 0.8480 |" in result["table"]
+    assert "| 2.0 | 850.5 | 1.250 | 2048 | 5.50 |" in result["table"]
     assert "Paper columns: MAE Table 1a, ViT-L/16, IN-1K, 800 ep, as published" in result["table"]
     assert "Cost: memory_kind cpu_max_rss, device cpu, precision bf16-mixed." in result["table"]
     assert "device" not in header.split(" | ")
@@ -291,7 +293,8 @@ class DomTable(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.header, self.rows, self.tags, self.body, self.images, self.captions, self.paragraphs = [], [], [], {}, [], [], []
+        self.header, self.rows, self.tags, self.images, self.captions, self.paragraphs = [], [], [], [], [], []
+        self.body = {}
         self._cell = None
 
     def handle_starttag(self, tag, attrs):
@@ -379,7 +382,8 @@ def test_html_page_in_headless_chromium(tmp_path):
     plot_src, *panel_srcs = [img["src"] for img in dom.images]
     assert plot_src == "data:image/png;base64," + base64.b64encode(result["paths"]["png"].read_bytes()).decode()
     assert [base64.b64decode(src.split(",", 1)[1]) for src in panel_srcs] == [informed, newest]  # table order
-    assert dom.captions[:2] == ["mask.ratio=0.1informed_masks/epoch_0001.png", "mask.ratio=0.75reconstructions/epoch_0001.png"]
+    assert dom.captions == ["mask.ratio=0.1informed_masks/epoch_0001.png",
+                            "mask.ratio=0.75reconstructions/epoch_0001.png"]
     tops, lefts = zip(*(tuple(map(int, t.split(":"))) for t in dom.body["data-tiles"].split()))
     assert len(set(tops)) == 1 and lefts[0] < lefts[1]  # side by side, one tile per run
 

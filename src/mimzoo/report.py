@@ -218,7 +218,7 @@ def read_paper(runs: list[Run]) -> Paper | None:
                           "directory on its own")
     block = json.loads(next(iter(blocks)))
     where_fix = "each paper: row needs where: {<swept key>: <value>} and top-1 values in percent, e.g. linear: 73.5"
-    if not isinstance(block, dict) or not isinstance(block.get("label"), str) or not isinstance(block.get("rows"), list):
+    if not (isinstance(block, dict) and isinstance(block.get("label"), str) and isinstance(block.get("rows"), list)):
         raise ReportError(f"paper: block of run {next(iter(blocks.values()))} needs label: <table, model, data, "
                           f"epochs> and rows: [...]; {where_fix}")
     paper = Paper(block["label"])
@@ -370,7 +370,8 @@ def _data_uri(path: Path) -> str:
 # marks the page once every picture has decoded (a check a headless browser can read back from the DOM).
 HTML_HEAD = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
@@ -511,8 +512,8 @@ def report(root: str | Path, metric: str | None = None, x: str | None = None, ou
     series = []
     if x is not None and any(metric in r.last for r in runs):
         paths["png"] = out / "report.png"
-        series = plot(runs, swept, metric, x, paths["png"], f"{label(metric)} vs {x} ({'/'.join(root.resolve().parts[-2:])})",
-             paper)
+        title = f"{label(metric)} vs {x} ({'/'.join(root.resolve().parts[-2:])})"
+        series = plot(runs, swept, metric, x, paths["png"], title, paper)
     panels = [(", ".join(f"{k}={r.shown.get(k, '')}" for k in swept) or r.name, r.panel)
               for r in build_order(runs, swept) if r.panel is not None]
     page = html_page(heading, rows, columns, caption, [paths["png"]] if "png" in paths else [], panels, paper)

@@ -447,9 +447,9 @@ def sweep_group(run: Path) -> str | None:
 
 
 def log_to_wandb(runs: list[Run], root: Path, out: Path, rows: list[dict], columns: list[Column],
-                 plot_path: Path | None, caption: str) -> dict:
+                 plot_path: Path | None, caption: str) -> dict | None:
     """The table (``wandb.Table``) and plot (``wandb.Image``) in a ``report`` run of the sweep's project and
-    group, in the mode the runs' logger config gives (offline unless logged in)."""
+    group, in the mode the runs' logger config gives (offline unless logged in); None when that is disabled."""
     import wandb
 
     from mimzoo.runs import wandb_mode
@@ -457,6 +457,8 @@ def log_to_wandb(runs: list[Run], root: Path, out: Path, rows: list[dict], colum
     first = root / runs[0].name
     wb = OmegaConf.select(runs[0].config, "logger.wandb")
     mode = wandb_mode(str(wb.mode))
+    if mode == "disabled":
+        return None
     group = sweep_group(first)
     run = wandb.init(project=wb.project, entity=wb.entity, group=group, name=f"report {group or root.name}",
                      job_type="report", dir=str(out), mode=mode, settings=wandb.Settings(silent=True))

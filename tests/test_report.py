@@ -488,3 +488,13 @@ def test_sweep_group_as_training_named_it(tmp_path, group, mode, expected):
         "sweep": {"dir": "multirun/${hydra.runtime.choices.experiment}/${now:%Y-%m-%d}_${now:%H-%M-%S}",
                   "subdir": "${hydra.job.num}"}}}), run / ".hydra" / "hydra.yaml")
     assert sweep_group(run) == expected
+
+
+def test_wandb_off_when_disabled_or_unconfigured(tmp_path):
+    wb = {"logger": {"wandb": {"enabled": True, "mode": "disabled", "project": "p", "entity": None, "group": None}}}
+    make_run(tmp_path / "a", "0", ["mask.ratio=0.5"], curve([0.3], [1.0], [1.0]), max_epochs=1, config=wb)
+    make_run(tmp_path / "a", "1", ["mask.ratio=0.75"], curve([0.4], [1.0], [1.0]), max_epochs=1, config=wb)
+    assert report(tmp_path / "a")["wandb"] is None and not (tmp_path / "a" / "wandb").exists()
+    make_run(tmp_path / "b", "0", ["mask.ratio=0.5"], curve([0.3], [1.0], [1.0]), max_epochs=1)
+    with pytest.raises(ReportError, match="no logger.wandb config to log the report with; leave out --wandb"):
+        report(tmp_path / "b", wandb=True)

@@ -35,6 +35,27 @@ def test_train_writes_checkpoint_metrics_config_and_panels(first_run):
 
 
 @pytest.mark.slow
+def test_run_cost_is_recorded(first_run, tiny_mae):
+    """cost.json: what the run took, and FLOPs that include the backward (about 3x the forward's)."""
+    import json
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mimzoo.precision import configure_attention, resolve_precision
+
+    cost = json.loads((Path(first_run[0]) / "cost.json").read_text())
+    assert cost["steps"] == 8 and cost["epochs"] == 1 and cost["images_seen"] == 8 * 64
+    assert cost["wall_clock_s"] > 0 and cost["train_images_per_s"] > 0 and cost["peak_memory_mb"] > 100
+    assert cost["precision"] == resolve_precision("auto") and cost["device"] == "cpu"
+    assert cost["params"] == sum(p.numel() for p in tiny_mae.parameters())  # TINY is TINY_MAE
+    assert cost["encoder_params"] == sum(p.numel() for p in tiny_mae.encoder.parameters())
+    configure_attention(tiny_mae, cost["precision"], "cpu")  # the kernel the run used: the counts differ
+    with FlopCounterMode(display=False) as forward:
+        tiny_mae.train()(torch.randn(64, 3, 32, 32))
+    assert 2.9 < cost["gflops_per_image"] * 1e9 * 64 / forward.get_total_flops() < 3.6
+
+
+@pytest.mark.slow
 def test_resume_continues_from_last(first_run, tmp_path, cli):
     run_dir, _ = first_run
     resumed = tmp_path / "resumed"
@@ -46,6 +67,11 @@ def test_resume_continues_from_last(first_run, tmp_path, cli):
     cli("train", *TINY, "trainer.max_epochs=2", "logger=csv", f"hydra.run.dir={resumed}", "ckpt_path=last")
     after = weights(resumed)
     assert after["global_step"] == 16 and after["epoch"] == 1
+    import json  # the cost counters continue across the resume
+
+    cost = [json.loads((d / "cost.json").read_text()) for d in (run_dir, resumed)]
+    assert cost[1]["images_seen"] == 2 * cost[0]["images_seen"] and cost[1]["wall_clock_s"] > cost[0]["wall_clock_s"]
+    assert cost[1]["gflops_per_image"] == cost[0]["gflops_per_image"]
     # The optimiser state was restored, not restarted: Adam's step count continues from 8.
     state = next(iter(after["optimizer_states"][0]["state"].values()))
     assert int(state["step"]) == 16

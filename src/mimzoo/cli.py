@@ -57,6 +57,11 @@ def check_overrides(args: list[str]) -> None:
             parser.parse_overrides([arg])
         except OverrideParseException as err:
             key, value = match["key"], match["value"]
+            if value.startswith("[") and value.endswith("]"):  # a list of overrides (offline_eval.<protocol>)
+                items = ",".join(f"'{v.strip()}'" for v in value[1:-1].split(","))
+                raise ConfigError(f"cannot parse the override {arg!r} ({str(err).splitlines()[0]}): list items holding "
+                                  f"'=' must each be quoted for Hydra, e.g. \"{key}=[{items}]\" (the double quotes "
+                                  "are for the shell)") from None
             raise ConfigError(
                 f"cannot parse the override {arg!r} ({str(err).splitlines()[0]}): a value holding '=' must be quoted "
                 f"for Hydra, e.g. \"{key}='{value}'\" (the double quotes are for the shell)") from None
@@ -122,6 +127,9 @@ def silence_unactionable_warnings() -> None:
     # Lightning 2.6's own pytree helper builds torch's deprecated LeafSpec (torch>=2.10 FutureWarning):
     # Lightning's code, not ours or the user's; gone when Lightning stops using it.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # Under bf16-mixed (the default on bf16 hardware) Lightning's model summary says it sizes parameters at 32 bits,
+    # which is what they are stored in: the summary is right and there is nothing to change.
+    warnings.filterwarnings("ignore", r"Precision bf16-mixed is not supported by the model summary")
     # Lightning advertises its paid services at every Trainer start (rank_zero_info); not a warning and
     # nothing to act on (logging filter: it is a log record, not a Python warning).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_tips)

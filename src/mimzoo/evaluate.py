@@ -29,7 +29,8 @@ from mimzoo.errors import ConfigError, MissingFileError, user_errors
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
-from mimzoo.rundir import AtomicCheckpointIO, claim_run_dir, release_run_dir
+from mimzoo.precision import configure_attention, device_type, resolve_precision
+from mimzoo.rundir import AtomicCheckpointIO, atomic_write, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -62,7 +63,9 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), monitor="val/top1", mode="max",
                                  save_last=True, enable_version_counter=False)
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), LogIntervalFit()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir),
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    configure_attention(module, precision, device_type(cfg.trainer.accelerator))
+    trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=build_loggers(cfg, run_dir),
                           default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
@@ -128,7 +131,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
                **outcome, "recipe": recipe(cfg), "run_dir": str(run_dir)}
     if rank_zero_only.rank == 0:
         out = run_dir / "results.json"
-        out.write_text(json.dumps(results, indent=2))
+        atomic_write(out, lambda f: f.write(json.dumps(results, indent=2).encode()))  # whole, or not there
         print(f"\nmimzoo-eval: {name} top-1 = {100 * results['top1']:.2f}% (ckpt {ckpt}, results in {out})")
     release_run_dir(lock)
     return results

@@ -1,7 +1,8 @@
 """Training callbacks shared by every method."""
 
+from .cost import RunCost
 from .informed_masks import InformedMaskPanels
 from .log_interval import LogIntervalFit
 from .reconstruction import ReconstructionPanels
 
-__all__ = ["InformedMaskPanels", "LogIntervalFit", "ReconstructionPanels"]
+__all__ = ["RunCost", "InformedMaskPanels", "LogIntervalFit", "ReconstructionPanels"]

@@ -448,8 +448,11 @@ def test_sweep_evaluated_reported_rendered_and_logged(evaluated_sweep, tmp_path)
     assert header[2:5] == ["linear top-1 (offline)", "kNN top-1 (offline)", paper]
     assert "probe/knn_top1 (online)" in header
     assert result["series"] == ["ours", "paper: MAE Table 1a, ViT-L/16, IN-1K, 800 ep"]
-    if all((run / "cost.json").exists() for run in runs.values()):  # written by training once that lands
-        assert all(isinstance(rows[d]["GFLOPs/img (train step)"], float) and rows[d]["epochs"] == 1 for d in "12")
+    costs = {d: json.loads((run / "cost.json").read_text()) for d, run in runs.items()}  # written by training
+    for d in "12":
+        assert rows[d]["wall-clock (min)"] == costs[int(d)]["wall_clock_s"] / 60 and rows[d]["epochs"] == 1
+        assert rows[d]["GFLOPs/img (train step)"] == costs[int(d)]["gflops_per_image"] > 0
+        assert rows[d]["images seen"] == 128 and rows[d]["params (M)"] == costs[int(d)]["params"] / 1e6
     # The page, rendered: the table's offline columns and both runs' panels, decoded.
     dom = render(result["paths"]["html"], tmp_path)
     assert dom.header[:5] == ["run", "model.decoder.depth", "linear top-1 (offline)", "kNN top-1 (offline)", paper]
@@ -498,3 +501,17 @@ def test_wandb_off_when_disabled_or_unconfigured(tmp_path):
     make_run(tmp_path / "b", "0", ["mask.ratio=0.5"], curve([0.3], [1.0], [1.0]), max_epochs=1)
     with pytest.raises(ReportError, match="no logger.wandb config to log the report with; leave out --wandb"):
         report(tmp_path / "b", wandb=True)
+
+
+@pytest.mark.parametrize("preset,label,rows", [
+    ("mae_decoder_depth", "MAE Table 1a, ViT-L/16, IN-1K, 800 ep", 5),
+    ("mae_mask_type", "MAE Table 1f, ViT-L/16, IN-1K, 800 ep", 4),
+    ("mae_mask_ratio", "MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text)", 2),
+    ("mae_mask_ratio_cpu", "MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text)", 2),
+])
+def test_presets_carry_their_paper_table(preset, label, rows):
+    """The presets that reproduce a paper table bring its numbers (conf/paper/), in a form the report reads."""
+    from mimzoo.report import Run, read_paper
+
+    paper = read_paper([Run("0", config=compose_train(f"experiment={preset}"))])
+    assert paper.label == label and len(paper.rows) == rows and set(paper.protocols) <= {"linear", "finetune"}

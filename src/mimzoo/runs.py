@@ -41,6 +41,12 @@ def _wandb_settings(mode: str):
     return wandb.Settings(silent=True) if mode == "offline" else wandb.Settings(quiet=True)
 
 
+def sweep_group_name(sweep_dir: Path) -> str:
+    """A sweep's W&B group: its directory as given to Hydra (``multirun/<preset>/<date>_<time>``), ``/`` -> ``_``;
+    ``mimzoo-report`` logs the sweep's table into the same group."""
+    return Path(sweep_dir).as_posix().replace("/", "_")
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     """``metrics.csv`` in ``run_dir`` (a resume, ``ckpt_path`` set, appends to it), and a W&B run (the same run,
     continued, when the run directory is resumed) when ``logger.wandb`` is on."""
@@ -49,7 +55,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if wb.enabled:
         hc = HydraConfig.get()
         sweep = hc.mode == RunMode.MULTIRUN
-        group = wb.group or (Path(hc.sweep.dir).as_posix().replace("/", "_") if sweep else None)
+        group = wb.group or (sweep_group_name(Path(hc.sweep.dir)) if sweep else None)
         name = hc.job.override_dirname or run_dir.name
         id_file = run_dir / "wandb_id.txt"  # same W&B run when this run directory is resumed
         if not id_file.exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:

@@ -316,6 +316,19 @@ def peak_flops(device: str, precision: str) -> float | None:
     return None
 
 
+def device_stats(case: dict, ms: dict, device: str) -> dict:
+    """img/s and model FLOP utilisation of each variant: FLOPs per implementation counted on its fp32 step (the
+    work it does, whatever the precision), over the median step time and the device's dense peak for the
+    variant's precision (None: a device not in PEAK_TFLOPS)."""
+    flops = {impl: flops_of(case["steps"][f"{impl}_fp32"]) for impl in {n.rsplit("_", 1)[0] for n in case["steps"]}}
+    mfu = {}
+    for name in case["steps"]:
+        peak = peak_flops(device, case["precisions"][name])
+        mfu[name] = None if peak is None else flops[name.rsplit("_", 1)[0]] / (ms[name] / 1e3) / peak
+    return {"img_per_s": {n: case["batch"] / (t / 1e3) for n, t in ms.items()}, "mfu": mfu,
+            "gflops_per_step": {impl: f / 1e9 for impl, f in flops.items()}}
+
+
 def run_method(method: str, size: dict, device: str, checkouts: dict, rounds: int, warmup: int) -> dict:
     if method == "sgmae":
         case = sgmae(size["mae"], device)
@@ -336,12 +349,7 @@ def run_method(method: str, size: dict, device: str, checkouts: dict, rounds: in
                              "official_bf16": ratio(times["official_fp32"], times["official_bf16"]),
                              "default_vs_official_bf16": ratio(times["official_bf16"], times["mimzoo_default"])}
     if device == "cuda":
-        result["img_per_s"] = {n: case["batch"] / (ms / 1e3) for n, ms in result["ms"].items()}
-        result["mfu"] = {}
-        for name, step in case["steps"].items():
-            peak = peak_flops(device, case["precisions"][name])
-            flops = flops_of(step)
-            result["mfu"][name] = None if peak is None else flops / (result["ms"][name] / 1e3) / peak
+        result.update(device_stats(case, result["ms"], device))
     return result
 
 

@@ -79,3 +79,24 @@ def test_ibot_loss_class_compiles_without_the_script_imports(tmp_path):
     assert issubclass(cls, nn.Module) and cls.scale == np.pi
     with pytest.raises(ConfigError, match="no class iBOTLoss"):
         official.class_from_source(tmp_path / "main_ibot.py", "iBOTLoss2", {})
+
+
+def test_gpu_columns_img_per_s_flops_and_peaks(monkeypatch):
+    """What a GPU run adds, computed here on the CPU: img/s, FLOPs of one step per implementation, FLOP
+    utilisation against the dense peak of the device's name and the variant's precision ('unknown device' else)."""
+    case = side_by_side.mae_like("mae", side_by_side.SIZES["toy"]["mae"], "cpu", None)
+    ms = {name: 10.0 for name in case["steps"]}
+    stats = side_by_side.device_stats(case, ms, "cpu")
+    assert stats["img_per_s"] == {name: 400.0 for name in case["steps"]}  # batch 4 in 10 ms
+    assert set(stats["gflops_per_step"]) == {"official", "mimzoo"} and all(f > 0 for f in stats["gflops_per_step"].values())
+    assert stats["mfu"] == {name: None for name in case["steps"]}
+    for name, bf16, fp32 in (("NVIDIA H200", 989e12, 67e12), ("NVIDIA H100 PCIe", 756e12, 51e12)):
+        monkeypatch.setattr(side_by_side.torch.cuda, "get_device_name", lambda *a, name=name: name)
+        assert side_by_side.peak_flops("cuda", "bf16-mixed") == bf16 and side_by_side.peak_flops("cuda", "32-true") == fp32
+    monkeypatch.setattr(side_by_side.torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert side_by_side.peak_flops("cuda", "bf16-mixed") is None
+    report = {"meta": dict(device="cuda", device_name="Some GPU", torch="x", threads=1, size="toy", rounds=1,
+                           default_precision="bf16-mixed"),
+              "results": {"mae": {"official": "o", "batch": 4, "ms": ms, "check": dict(rel_diff_fp32=0, rel_diff_default=0),
+                                  "speedup": {k: dict(median=1, q1=1, q3=1) for k in RATIOS}, **stats}}}
+    assert "| mae | mimzoo_default | 400 | unknown device |" in side_by_side.markdown(report)

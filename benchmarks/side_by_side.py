@@ -32,6 +32,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import official  # noqa: E402  (benchmarks/official.py, beside this file)
@@ -39,6 +40,7 @@ import official  # noqa: E402  (benchmarks/official.py, beside this file)
 from mimzoo.errors import ConfigError, user_errors  # noqa: E402
 from mimzoo.precision import configure_attention, resolve_precision  # noqa: E402
 from mimzoo.rundir import atomic_write  # noqa: E402
+from mimzoo.runs import CONFIG_DIR  # noqa: E402
 
 METHODS = ("mae", "convmae", "ibot", "sgmae")
 VARIANTS = ("official_fp32", "official_bf16", "mimzoo_fp32", "mimzoo_default")
@@ -155,7 +157,7 @@ def mae_like(method: str, size: dict, device: str, checkout: str | None) -> dict
         steps[name] = official_mae_step(m, adamw(module_groups(m)), x, device, precision)
     for name, (m, precision) in mine.items():
         steps[name] = mimzoo_step(m, adamw(m.param_groups(0.05)), lambda: (x,), device, precision)
-    return dict(steps=steps, check=check, batch=batch,
+    return dict(steps=steps, check=check, batch=batch, mask=repr(model.mask_strategy),
                 precisions={"official_fp32": "32-true", "official_bf16": "bf16-mixed",
                             **{n: p for n, (_, p) in mine.items()}})
 
@@ -204,13 +206,14 @@ def ibot(size: dict, device: str, checkout: str | None) -> dict:
     ckpt = ref.official_checkpoint(args, enc["img_size"], enc["embed_dim"], enc["depth"], head["hidden_dim"],
                                    head["bottleneck_dim"], epoch=40)  # past the temperature warm-up
     theirs = official.ibot_official(checkout, ckpt, enc["num_heads"], device)
-    model = mimzoo.load_official("ibot", save_official(ckpt, "checkpoint.pth"),
-                                 encoder={"num_heads": enc["num_heads"]}).to(device).train()
+    mask = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "mask" / "ibot.yaml"))  # what model=ibot trains with
+    model = mimzoo.load_official("ibot", save_official(ckpt, "checkpoint.pth"), encoder={"num_heads": enc["num_heads"]},
+                                 mask=mask).to(device).train()
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g) for _ in range(2)]
     crops += [torch.randn(batch, 3, local_size, local_size, generator=g) for _ in range(n_local)]
     crops = [c.to(device) for c in crops]
-    flat = [model.draw_mask(batch, torch.Generator().manual_seed(3 + i), device="cpu") for i in range(2)]  # iBOT's rule
+    flat = [model.draw_mask(batch, torch.Generator().manual_seed(3 + i), device="cpu") for i in range(2)]
     grid = enc["img_size"] // p
     masks = [m.view(batch, grid, grid).to(device) for m in flat]
     masks += [torch.zeros(batch, local_size // p, local_size // p, dtype=torch.bool, device=device)] * n_local
@@ -243,7 +246,7 @@ def ibot(size: dict, device: str, checkout: str | None) -> dict:
         steps[name] = mimzoo_step(m, opt, lambda: (crops, flat), device, precision,
                                   after_backward=lambda m=m, opt=opt: m.configure_gradient_clipping(opt),
                                   after_step=lambda m=m: m.update_teacher(0.996))
-    return dict(steps=steps, check=check, batch=batch,
+    return dict(steps=steps, check=check, batch=batch, mask=repr(model.mask_strategy),
                 precisions={"official_fp32": "32-true", "official_bf16": "bf16-mixed",
                             **{n: p for n, (_, p) in mine.items()}})
 
@@ -266,7 +269,8 @@ def sgmae(size: dict, device: str) -> dict:
             key = f"{name}_{variant.split('_', 1)[1]}"
             steps[key] = mimzoo_step(m, adamw(m.param_groups(0.05)), lambda: (x,), device, precision)
             precisions[key] = precision
-    return dict(steps=steps, check={}, batch=batch, precisions=precisions)
+    return dict(steps=steps, check={}, batch=batch, precisions=precisions,
+                mask=repr(sg.informed_strategy))
 
 
 # --- timing -------------------------------------------------------------------------------------------------
@@ -337,7 +341,7 @@ def run_method(method: str, size: dict, device: str, checkouts: dict, rounds: in
     else:
         case = mae_like(method, size[method], device, checkouts.get(method))
     times = alternate(case["steps"], rounds, warmup, device)
-    result = {"batch": case["batch"], "precisions": case["precisions"], "check": case["check"],
+    result = {"batch": case["batch"], "mask": case["mask"], "precisions": case["precisions"], "check": case["check"],
               "official": ("checkout " + official.SOURCES[method]) if checkouts.get(method) else
               (f"tests/reference_{method}.py" if method != "sgmae" else None),
               "ms": {n: 1e3 * statistics.median(t) for n, t in times.items()}}
@@ -391,8 +395,8 @@ def main(argv=None) -> dict:
     p.add_argument("--size", choices=sorted(SIZES), help="model sizes (default: gpu on a GPU, else cpu)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 8 on CPU, 30 on GPU)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6 on CPU, 30 on GPU)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     for method, source in official.SOURCES.items():
         p.add_argument(f"--official-{method}", metavar="PATH", help=f"a checkout of {source} to time (default: "
                        f"tests/reference_{method}.py, the re-statement of its forward)")
@@ -403,7 +407,7 @@ def main(argv=None) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no GPU; drop --device to run on the CPU")
     size = args.size or ("gpu" if device == "cuda" else "cpu")
-    rounds = args.rounds or (30 if device == "cuda" else 8)
+    rounds = args.rounds or (30 if device == "cuda" else 6)
     checkouts = {m: getattr(args, f"official_{m}") for m in official.SOURCES if getattr(args, f"official_{m}")}
     meta = dict(device=device, size=size, rounds=rounds, warmup=args.warmup, torch=torch.__version__,
                 threads=torch.get_num_threads(), default_precision=default_precision(device),

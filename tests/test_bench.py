@@ -35,6 +35,8 @@ def test_bench_runs_end_to_end_and_writes_the_table_and_json(tmp_path):
         assert c["rel_diff_fp32"] < 1e-5, (method, c)
         assert c["rel_diff_default"] < 2e-2, (method, c)
         assert f"| {method} | tests/reference_{method}.py | " in table
+    assert saved["results"]["ibot"]["mask"].startswith("IBOTMask(ratio=0.3,")  # iBOT's rule, not MAE's 75% random
+    assert saved["results"]["mae"]["mask"] == saved["results"]["convmae"]["mask"] == "RandomMask(ratio=0.75, cell=1)"
     assert set(saved["results"]["sgmae"]["overhead"]) == {"fp32", "default"}
     assert "SG-MAE (informed masks) step / MAE step" in table and "speed-up, default" in table
 

@@ -137,16 +137,22 @@ def convmae_module(path, enc: dict, dec: dict) -> nn.Module:
 
 class Restated(nn.Module):
     """A re-statement's official-format state dict as parameters (``/`` for ``.`` in their names), so an
-    optimiser can train it; ``frozen`` names stay buffers (the official sin-cos tables)."""
+    optimiser can train it; ``frozen`` names stay buffers (the official sin-cos tables). A tensor listed under
+    two names (a shared iBOT head's ``last_layer2`` is its ``last_layer``) stays one parameter."""
 
     def __init__(self, state: dict, frozen=()):
         super().__init__()
         self.names = list(state)
+        first: dict[int, str] = {}
         for name, value in state.items():
-            if name in frozen:
-                self.register_buffer(name.replace(".", "/"), value.detach().clone())
+            key = name.replace(".", "/")
+            if id(value) in first:
+                setattr(self, key, getattr(self, first[id(value)]))
+            elif name in frozen:
+                self.register_buffer(key, value.detach().clone())
             else:
-                self.register_parameter(name.replace(".", "/"), nn.Parameter(value.detach().clone()))
+                self.register_parameter(key, nn.Parameter(value.detach().clone()))
+            first.setdefault(id(value), key)
 
     def sd(self) -> dict:
         return {name: getattr(self, name.replace(".", "/")) for name in self.names}
@@ -246,10 +252,6 @@ def ibot_official(path, ckpt: dict, heads: int, device: str) -> tuple[IBOTStep, 
         ref = reference("reference_ibot")
         student = Restated(student_sd).to(device)
         teacher = Restated(ckpt["teacher"]).to(device).requires_grad_(False)
-        for name in student.names:  # a shared head lists one tensor under two names: keep it one parameter
-            if name.startswith("head.last_layer2") and args.shared_head:
-                setattr(student, name.replace(".", "/"), getattr(student, name.replace("last_layer2", "last_layer", 1)
-                                                                  .replace(".", "/")))
         with torch.device(device):
             loss = ref.iBOTLoss(**loss_kwargs)
         loss.center, loss.center2 = centers["center"].to(device), centers["center2"].to(device)

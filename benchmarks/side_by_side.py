@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -104,10 +105,14 @@ def mimzoo_variants(model, device: str) -> dict:
     return {"mimzoo_fp32": (model, "32-true"), "mimzoo_default": (default, precision)}
 
 
-def save_official(obj, name: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix="mimzoo-bench-")) / name
-    torch.save(obj, path)
-    return path
+def load_official(method: str, ckpt, **overrides):
+    """mimzoo's module from official weights, through the importer a user runs (``mimzoo.load_official``)."""
+    import mimzoo
+
+    with tempfile.TemporaryDirectory(prefix="mimzoo-bench-") as folder:
+        path = Path(folder) / "official.pth"
+        torch.save(ckpt, path)
+        return mimzoo.load_official(method, path, **overrides)
 
 
 def relative(a, b) -> float:
@@ -116,7 +121,6 @@ def relative(a, b) -> float:
 
 def mae_like(method: str, size: dict, device: str, checkout: str | None) -> dict:
     """MAE or ConvMAE: steps of the four variants and the loss check on shared weights and one mask."""
-    import mimzoo
     from mimzoo.checkpoints import convmae as convmae_ckpt
     from mimzoo.checkpoints import mae as mae_ckpt
     from mimzoo.methods import MAE, ConvMAE
@@ -133,9 +137,8 @@ def mae_like(method: str, size: dict, device: str, checkout: str | None) -> dict
         grid = ours.grid_size[0]
         theirs = official.RestatedMAE(state, f"reference_{method}", enc["num_heads"],
                                       dec["num_heads"], grid)
-    model = mimzoo.load_official(method, save_official({"model": state}, f"{method}.pth"),
-                                 encoder={"num_heads": enc["num_heads"]}, decoder={"num_heads": dec["num_heads"]},
-                                 norm_pix_loss=True).to(device).train()
+    model = load_official(method, {"model": state}, encoder={"num_heads": enc["num_heads"]},
+                          decoder={"num_heads": dec["num_heads"]}, norm_pix_loss=True).to(device).train()
     theirs = theirs.to(device).train()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g).to(device)
@@ -167,7 +170,7 @@ def official_mae_step(model, opt, x, device, precision):
     def step():
         with autocast(device, precision):
             loss, _, _ = model(x, mask_ratio=0.75)
-        if not torch.isfinite(torch.tensor(loss.item())):
+        if not math.isfinite(loss.item()):
             raise FloatingPointError(f"official loss {loss.item()}")
         opt.zero_grad()
         loss.backward()
@@ -195,8 +198,6 @@ def mimzoo_step(model, opt, inputs, device, precision, after_backward=None, afte
 
 def ibot(size: dict, device: str, checkout: str | None) -> dict:
     """iBOT with its multi-crop: two masked global crops and ``local`` unmasked small crops per image."""
-    import mimzoo
-
     ref = official.reference("reference_ibot")
     enc, head, batch = size["encoder"], size["head"], size["batch"]
     (n_local, local_size), p = size["local"], enc["patch_size"]
@@ -207,8 +208,7 @@ def ibot(size: dict, device: str, checkout: str | None) -> dict:
                                    head["bottleneck_dim"], epoch=40)  # past the temperature warm-up
     theirs = official.ibot_official(checkout, ckpt, enc["num_heads"], device)
     mask = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "mask" / "ibot.yaml"))  # what model=ibot trains with
-    model = mimzoo.load_official("ibot", save_official(ckpt, "checkpoint.pth"), encoder={"num_heads": enc["num_heads"]},
-                                 mask=mask).to(device).train()
+    model = load_official("ibot", ckpt, encoder={"num_heads": enc["num_heads"]}, mask=mask).to(device).train()
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g) for _ in range(2)]
     crops += [torch.randn(batch, 3, local_size, local_size, generator=g) for _ in range(n_local)]

@@ -46,7 +46,7 @@ def _quirks():
 
     had_float, block = hasattr(np, "float"), tvt.Block
     if "qk_scale" not in inspect.signature(block.__init__).parameters:
-        class Block(block):  # noqa: D401 - the same block; qk_scale=None was timm 0.3's default scale
+        class Block(block):  # the same block; qk_scale=None was timm 0.3's default scale
             def __init__(self, *args, qk_scale=None, **kwargs):
                 if qk_scale is not None:
                     raise ConfigError("this timm Block has no qk_scale; the official code asks for a custom one")
@@ -98,12 +98,8 @@ def one_process_group(device: str) -> None:
     """``iBOTLoss.update_center`` all-reduces: a world of one makes that the identity."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        import tempfile
-
-        store = tempfile.NamedTemporaryFile(prefix="mimzoo-bench-", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}",  # gloo all-reduces CUDA tensors too
-                                rank=0, world_size=1)
+    if not dist.is_initialized():  # an in-process store; gloo all-reduces CUDA tensors too
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 # --- MAE and ConvMAE --------------------------------------------------------------------------------------

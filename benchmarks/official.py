@@ -17,6 +17,7 @@ import importlib
 import inspect
 import math
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def reference(name: str):
 @contextlib.contextmanager
 def _quirks():
     """Today's libraries where the official code expects old ones: ``np.float`` and a timm ``Block`` that
-    takes (and ignores, when None) ``qk_scale``; both put back on exit."""
+    takes (and ignores, when None) ``qk_scale``; both put back on exit. Their deprecation warnings (timm's
+    old import paths, ``weight_norm``) are silenced meanwhile: nothing a user of the bench can act on."""
     import timm.models.vision_transformer as tvt
 
     had_float, block = hasattr(np, "float"), tvt.Block
@@ -55,7 +57,10 @@ def _quirks():
     if not had_float:
         np.float = float  # removed in NumPy 1.24; util/pos_embed.py still names it
     try:
-        yield
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning, SyntaxWarning):
+                warnings.simplefilter("ignore", category)
+            yield
     finally:
         tvt.Block = block
         if not had_float:
@@ -275,7 +280,8 @@ def ibot_official(path, ckpt: dict, heads: int, device: str) -> tuple[IBOTStep, 
                 act=args.act_in_head, hidden_dim=w.shape[0], bottleneck_dim=bottleneck,
                 norm_last_layer=args.norm_last_layer, shared_head=shared))
 
-        student, teacher = build(True, args.shared_head), build(False, args.shared_head_teacher)
+        with _quirks():
+            student, teacher = build(True, args.shared_head), build(False, args.shared_head_teacher)
         student.load_state_dict(student_sd)
         teacher.load_state_dict(ckpt["teacher"])
         student, teacher = student.to(device), teacher.to(device).requires_grad_(False)

@@ -216,3 +216,13 @@ def test_missing_checkpoint_through_the_entry_point(monkeypatch, tmp_path, capsy
     with pytest.raises(SystemExit):
         ev.main()
     assert "needs a checkpoint: pass ckpt=" in capsys.readouterr().err
+
+
+def test_knn_caps_take_the_first_images():
+    """protocol.max_bank / max_queries: the first N images of the unshuffled split, the last batch cut."""
+    from mimzoo.evaluate import first_images
+
+    batches = [(torch.full((4, 1), float(i)), torch.arange(4) + 4 * i) for i in range(3)]
+    cut = list(first_images(batches, 6))
+    assert [len(y) for _, y in cut] == [4, 2] and torch.equal(torch.cat([y for _, y in cut]), torch.arange(6))
+    assert len(list(first_images(batches, None))) == 3 and len(list(first_images(batches, 100))) == 3

@@ -57,6 +57,11 @@ def check_overrides(args: list[str]) -> None:
             parser.parse_overrides([arg])
         except OverrideParseException as err:
             key, value = match["key"], match["value"]
+            if value.startswith("[") and value.endswith("]"):  # a list of overrides (offline_eval.<protocol>)
+                items = ",".join(f"'{v.strip()}'" for v in value[1:-1].split(","))
+                raise ConfigError(f"cannot parse the override {arg!r} ({str(err).splitlines()[0]}): list items holding "
+                                  f"'=' must each be quoted for Hydra, e.g. \"{key}=[{items}]\" (the double quotes "
+                                  "are for the shell)") from None
             raise ConfigError(
                 f"cannot parse the override {arg!r} ({str(err).splitlines()[0]}): a value holding '=' must be quoted "
                 f"for Hydra, e.g. \"{key}='{value}'\" (the double quotes are for the shell)") from None

@@ -30,7 +30,7 @@ from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
 from mimzoo.precision import configure_attention, device_type, resolve_precision
-from mimzoo.rundir import AtomicCheckpointIO, claim_run_dir, release_run_dir
+from mimzoo.rundir import AtomicCheckpointIO, atomic_write, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
 
@@ -87,21 +87,43 @@ def run_finetune(cfg, backbone, datamodule, run_dir) -> dict:
     return fit(cfg, FineTune.from_pretrained(backbone, datamodule.num_classes, **recipe(cfg)), datamodule, run_dir)
 
 
+def first_images(loader, limit: int | None):
+    """The batches of an unshuffled loader up to ``limit`` images (the last batch cut); all when ``limit`` is None."""
+    if limit is None:
+        yield from loader
+        return
+    seen = 0
+    for images, labels in loader:
+        if seen >= limit:
+            break
+        take = min(len(labels), limit - seen)
+        seen += take
+        yield images[:take], labels[:take]
+
+
 def run_knn(cfg, backbone, datamodule, run_dir) -> dict:
     """Weighted kNN: the training split (eval transform) is the bank, the val split the queries."""
     use_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
     model = backbone.to(device).eval()
     quiet = not cfg.trainer.enable_progress_bar
-    bank, bank_y = extract_features(model, tqdm(datamodule.bank_dataloader(), "kNN bank", disable=quiet), device)
-    queries, y = extract_features(model, tqdm(datamodule.val_dataloader(), "kNN queries", disable=quiet), device)
+    # The run's precision applies to the feature pass too (trainer.precision: auto -> bf16 where native); the
+    # similarities are computed in fp32 from the normalised features.
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    configure_attention(model, precision, device.type)
+    bank_loader = first_images(datamodule.bank_dataloader(), cfg.protocol.get("max_bank"))
+    query_loader = first_images(datamodule.val_dataloader(), cfg.protocol.get("max_queries"))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
+        bank, bank_y = extract_features(model, tqdm(bank_loader, "kNN bank", disable=quiet), device)
+        queries, y = extract_features(model, tqdm(query_loader, "kNN queries", disable=quiet), device)
     k, temperature = cfg.protocol.k, cfg.protocol.temperature
     scores = knn_predict(bank, bank_y, queries, datamodule.num_classes, k, temperature)
     top1 = MulticlassAccuracy(datamodule.num_classes, average="micro")(scores, y).item()
     for logger in build_loggers(cfg, run_dir):
         logger.log_metrics({"val/top1": top1}, step=0)
         logger.finalize("success")
-    return dict(top1=top1, epochs=0, k=k, temperature=temperature, bank_size=len(bank), num_queries=len(queries))
+    return dict(top1=top1, epochs=0, k=k, temperature=temperature, bank_size=len(bank), num_queries=len(queries),
+                precision=precision)
 
 
 PROTOCOLS = {"linear": run_linear, "finetune": run_finetune, "knn": run_knn}
@@ -131,7 +153,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
                **outcome, "recipe": recipe(cfg), "run_dir": str(run_dir)}
     if rank_zero_only.rank == 0:
         out = run_dir / "results.json"
-        out.write_text(json.dumps(results, indent=2))
+        atomic_write(out, lambda f: f.write(json.dumps(results, indent=2).encode()))  # whole, or not there
         print(f"\nmimzoo-eval: {name} top-1 = {100 * results['top1']:.2f}% (ckpt {ckpt}, results in {out})")
     release_run_dir(lock)
     return results

@@ -207,7 +207,8 @@ def ibot(size: dict, device: str, checkout: str | None) -> dict:
     ckpt = ref.official_checkpoint(args, enc["img_size"], enc["embed_dim"], enc["depth"], head["hidden_dim"],
                                    head["bottleneck_dim"], epoch=40)  # past the temperature warm-up
     theirs = official.ibot_official(checkout, ckpt, enc["num_heads"], device)
-    mask = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "mask" / "ibot.yaml"))  # what model=ibot trains with
+    # the mask model=ibot trains with (a model from mimzoo.load_official has MAE's random 75% otherwise)
+    mask = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "mask" / "ibot.yaml"))
     model = load_official("ibot", ckpt, encoder={"num_heads": enc["num_heads"]}, mask=mask).to(device).train()
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g) for _ in range(2)]

@@ -90,15 +90,18 @@ def test_gpu_columns_img_per_s_flops_and_peaks(monkeypatch):
     ms = {name: 10.0 for name in case["steps"]}
     stats = side_by_side.device_stats(case, ms, "cpu")
     assert stats["img_per_s"] == {name: 400.0 for name in case["steps"]}  # batch 4 in 10 ms
-    assert set(stats["gflops_per_step"]) == {"official", "mimzoo"} and all(f > 0 for f in stats["gflops_per_step"].values())
+    flops = stats["gflops_per_step"]
+    assert set(flops) == {"official", "mimzoo"} and all(f > 0 for f in flops.values())
     assert stats["mfu"] == {name: None for name in case["steps"]}
     for name, bf16, fp32 in (("NVIDIA H200", 989e12, 67e12), ("NVIDIA H100 PCIe", 756e12, 51e12)):
         monkeypatch.setattr(side_by_side.torch.cuda, "get_device_name", lambda *a, name=name: name)
-        assert side_by_side.peak_flops("cuda", "bf16-mixed") == bf16 and side_by_side.peak_flops("cuda", "32-true") == fp32
+        assert side_by_side.peak_flops("cuda", "bf16-mixed") == bf16
+        assert side_by_side.peak_flops("cuda", "32-true") == fp32
     monkeypatch.setattr(side_by_side.torch.cuda, "get_device_name", lambda *a: "Some GPU")
     assert side_by_side.peak_flops("cuda", "bf16-mixed") is None
-    report = {"meta": dict(device="cuda", device_name="Some GPU", torch="x", threads=1, size="toy", rounds=1,
-                           default_precision="bf16-mixed"),
-              "results": {"mae": {"official": "o", "batch": 4, "ms": ms, "check": dict(rel_diff_fp32=0, rel_diff_default=0),
-                                  "speedup": {k: dict(median=1, q1=1, q3=1) for k in RATIOS}, **stats}}}
+    meta = dict(device="cuda", device_name="Some GPU", torch="x", threads=1, size="toy", rounds=1,
+                default_precision="bf16-mixed")
+    row = {"official": "o", "batch": 4, "ms": ms, "check": dict(rel_diff_fp32=0, rel_diff_default=0),
+           "speedup": {k: dict(median=1, q1=1, q3=1) for k in RATIOS}, **stats}
+    report = {"meta": meta, "results": {"mae": row}}
     assert "| mae | mimzoo_default | 400 | unknown device |" in side_by_side.markdown(report)

@@ -159,3 +159,40 @@ def test_the_checker_catches_each_kind_of_sync():
                 case()
         torch.ones(3).to("meta", non_blocking=True)  # a non-blocking copy is fine
         torch.full((), 1.0, device="meta")  # so is a fill on the device
+
+
+def test_progress_bar_and_throughput_read_the_device_only_where_the_loggers_write(tmp_path, monkeypatch):
+    """Lightning's bar reads the loss (``.item()``) at every refresh and its ThroughputMonitor synchronises the GPU
+    every step; mimzoo's read the metrics and synchronise on the logging steps only (3 and 6 of 6 here; the bar
+    also once at its first refresh), and still log samples per second over each log interval."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mimzoo.callbacks import LoggedStepsProgressBar, LoggedThroughput, sync_free
+
+    bar, seen = LoggedStepsProgressBar(), {"reads": [], "syncs": []}
+    trainer = L.Trainer(max_steps=6, log_every_n_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path, name="run"),
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[bar, LoggedThroughput(batch_size_fn=lambda b: b[0].shape[0], window_size=2)])
+    original = TQDMProgressBar.get_metrics
+
+    def reads(self, trainer_, module):
+        if self._in_batch_end:
+            seen["reads"].append(trainer_.global_step)
+        return original(self, trainer_, module)
+
+    monkeypatch.setattr(TQDMProgressBar, "get_metrics", reads)
+    monkeypatch.setattr(sync_free, "synchronize", lambda device: seen["syncs"].append(trainer.global_step))
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 3, 32, 32), torch.zeros(24, dtype=torch.long))
+    model = MAE(**TINY_MAE)
+    model.configure_optimizers = lambda: torch.optim.AdamW(model.parameters())  # no data module to scale the LR by
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    assert seen["syncs"] == [3, 6] and seen["reads"] == [1, 3, 6]
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/device/samples_per_sec")]
+    assert [(r["step"], r["train/samples"]) for r in rows] == [("2", "12"), ("5", "24")]
+    assert all(float(r["train/device/samples_per_sec"]) > 0 for r in rows)

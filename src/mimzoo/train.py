@@ -17,11 +17,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from mimzoo.callbacks import LogIntervalFit, ReconstructionPanels, RunCost
+from mimzoo.callbacks import LoggedStepsProgressBar, LoggedThroughput, LogIntervalFit, ReconstructionPanels, RunCost
 from mimzoo.callbacks.preemption import Preemption, cluster_plugins, requeued_ckpt_path
 from mimzoo.checkpoints import read_checkpoint
 from mimzoo.cli import check_cpu_devices, prepare_argv, route_logs_to_job_log, silence_unactionable_warnings
@@ -56,11 +56,14 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
         *checkpoint_callbacks(cfg, run_dir / "checkpoints"),  # last.ckpt, plus kept ones when checkpoint.keep_* ask
         MetricsHistory(),  # a resume keeps the metrics.csv rows its checkpoint covers
         LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=10),
+        # img/s over each log interval, timed where the loggers write: no GPU sync per step
+        LoggedThroughput(batch_size_fn=lambda batch: primary_view(batch[0]).shape[0], window_size=2),
         LogIntervalFit(),
         Preemption(run_dir / "checkpoints" / "last.ckpt"),  # SIGTERM/SIGUSR1: checkpoint, exit != 0, SLURM requeue
         RunCost(run_dir / "cost.json", count_flops=not cfg.compile),  # wall-clock, img/s, FLOPs, memory, size
     ]
+    if cfg.trainer.enable_progress_bar:  # reads the loss where the loggers do, not every step
+        callbacks.append(LoggedStepsProgressBar())
     if cfg.recon.enabled:
         callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
                                               cfg.recon.every_n_epochs))

@@ -4,5 +4,7 @@ from .cost import RunCost
 from .informed_masks import InformedMaskPanels
 from .log_interval import LogIntervalFit
 from .reconstruction import ReconstructionPanels
+from .sync_free import LoggedStepsProgressBar, LoggedThroughput
 
-__all__ = ["RunCost", "InformedMaskPanels", "LogIntervalFit", "ReconstructionPanels"]
+__all__ = ["RunCost", "InformedMaskPanels", "LogIntervalFit", "LoggedStepsProgressBar", "LoggedThroughput",
+           "ReconstructionPanels"]

@@ -69,6 +69,10 @@ def test_beit_trains_its_tokenizer_once_and_the_floor_is_evaluated(tmp_path, cli
     assert json.loads((sweep / "0" / "cost.json").read_text())["steps"] == 0
     proc = cli("offline_eval", str(sweep))  # the sweep command agrees: both done, the tokenizer stage skipped
     assert "skip tokenizer: a tokenizer stage" in proc.stdout and "0 evaluated, 2 done already" in proc.stdout
+    cli("report", str(sweep), "--no-wandb")  # a method x protocol table with costs; the floor says what it is
+    table = (sweep / "report.md").read_text()
+    assert "kNN top-1 (offline)" in table and "GFLOPs/img" in table and "untrained (trainer.max_steps=0)" in table
+    assert "| beit |" in table and "| dvae |" in table  # the tokenizer stage's row: its cost is part of BEiT's
     stamp = (tokenizer / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     # Another BEiT run of the same sweep (its directory beside the others) reuses the finished stage.
     cli("train", "experiment=compare_cifar", "compare=beit", *TINY_COMPARE, f"hydra.run.dir={sweep / 'again'}")

@@ -113,7 +113,8 @@ def load_run(run_dir: Path, root: Path) -> Run:
     metrics = run_dir / "metrics.csv"
     if not metrics.exists():
         run.last, run.best = dict(offline), dict(offline)
-        run.note = "failed or not started: no metrics.csv"
+        untrained = run.cost.get("steps") == 0 and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        run.note = "untrained (trainer.max_steps=0)" if untrained else "failed or not started: no metrics.csv"
         return run
     run.last, run.best, last_epoch = read_metrics(metrics)
     run.note = _unfinished(run.config, last_epoch) if run.last else "no metrics logged"

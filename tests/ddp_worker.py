@@ -13,6 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from mimzoo.precision import apply_precision
+
 from mimzoo.train import CONFIG_DIR, build_datamodule, build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,9 +45,9 @@ def main(out: Path, preset: str, extra: list[str]):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     L.seed_everything(cfg.seed, workers=True)
-    trainer = instantiate(cfg.trainer, callbacks=[DumpRankState(out)], logger=False, enable_checkpointing=False,
-                          default_root_dir=str(out))
     model = build_model(cfg)
+    trainer = instantiate(cfg.trainer, precision=apply_precision(cfg.trainer, model), callbacks=[DumpRankState(out)],
+                          logger=False, enable_checkpointing=False, default_root_dir=str(out))
     trainer.fit(model, datamodule=build_datamodule(cfg, model))
 
 

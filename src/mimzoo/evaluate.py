@@ -29,7 +29,7 @@ from mimzoo.errors import ConfigError, MissingFileError, user_errors
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
-from mimzoo.precision import configure_attention, device_type, resolve_precision
+from mimzoo.precision import apply_precision, configure_attention, resolve_precision
 from mimzoo.rundir import AtomicCheckpointIO, atomic_write, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
@@ -63,8 +63,7 @@ def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), monitor="val/top1", mode="max",
                                  save_last=True, enable_version_counter=False)
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), LogIntervalFit()]
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    configure_attention(module, precision, device_type(cfg.trainer.accelerator))
+    precision = apply_precision(cfg.trainer, module)
     trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=build_loggers(cfg, run_dir),
                           default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule)

@@ -52,3 +52,11 @@ def configure_attention(model: nn.Module, precision: str, device: str) -> int:
             module.fused_attn = False
             switched += 1
     return switched
+
+
+def apply_precision(trainer_cfg, model: nn.Module) -> str:
+    """The Lightning precision a run's ``trainer`` config resolves to here, with ``model``'s attention set for it
+    (what every entry point hands to ``Trainer(precision=...)``)."""
+    precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
+    configure_attention(model, precision, device_type(trainer_cfg.accelerator))
+    return precision

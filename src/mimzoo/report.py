@@ -217,10 +217,23 @@ def read_paper(runs: list[Run]) -> Paper | None:
     if len(blocks) > 1:
         raise ReportError(f"runs {', '.join(blocks.values())} carry different paper: blocks; report each sweep "
                           "directory on its own")
-    block = json.loads(next(iter(blocks)))
+    return parse_paper(json.loads(next(iter(blocks))), f"run {next(iter(blocks.values()))}")
+
+
+def load_paper(name: str) -> Paper:
+    """``--paper``: a packaged paper table (``conf/paper/<name>.yaml``) or a YAML file of the same form, for runs
+    whose preset names none (or another)."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(CONFIG_DIR) / "paper" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (Path(CONFIG_DIR) / "paper").glob("*.yaml"))
+        raise ReportError(f"--paper {name}: no such paper table; pass one of {', '.join(known)} or a .yaml file")
+    return parse_paper(OmegaConf.to_container(OmegaConf.load(path)), str(path))
+
+
+def parse_paper(block, source: str) -> Paper:
     where_fix = "each paper: row needs where: {<swept key>: <value>} and top-1 values in percent, e.g. linear: 73.5"
     if not (isinstance(block, dict) and isinstance(block.get("label"), str) and isinstance(block.get("rows"), list)):
-        raise ReportError(f"paper: block of run {next(iter(blocks.values()))} needs label: <table, model, data, "
+        raise ReportError(f"paper: block of {source} needs label: <table, model, data, "
                           f"epochs> and rows: [...]; {where_fix}")
     paper = Paper(block["label"])
     for row in block["rows"]:
@@ -482,7 +495,7 @@ def report(root: str | Path, metric: str | None = None, x: str | None = None, ou
     runs = load_runs(root)
     swept, constant = split_overrides(runs)
     metric = choose_metric(runs, metric)
-    paper = read_paper(runs)
+    paper = load_paper(paper) if paper else read_paper(runs)
     if x is not None and x not in swept:
         raise ReportError(f"--x {x!r} is not a swept key; swept keys: {', '.join(swept) or '(none)'}")
     if x is None:
@@ -545,12 +558,14 @@ def main(argv: list[str] | None = None) -> None:
                         f"metrics.csv column (default: first present of {', '.join(DEFAULT_METRICS)})")
     parser.add_argument("--x", help="swept key for the plot's x axis (default: the first numeric swept key)")
     parser.add_argument("--out", help="output folder (default: the sweep directory)")
+    parser.add_argument("--paper", help="paper table for the paper columns, instead of the runs' preset's: a name "
+                        "in mimzoo's conf/paper/ (e.g. mae_fig5) or a .yaml file of the same form")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                         help="log the table and plot to the runs' W&B project and group (default: when the runs "
                         "logged to W&B)")
     args = parser.parse_args(argv)
     try:
-        result = report(args.sweep_dir, args.metric, args.x, args.out, args.wandb)
+        result = report(args.sweep_dir, args.metric, args.x, args.out, args.wandb, args.paper)
     except ReportError as e:
         parser.error(str(e))
     print(result["table"])

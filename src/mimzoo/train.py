@@ -30,7 +30,7 @@ from mimzoo.errors import CheckpointError, MissingFileError, UserError, user_err
 from mimzoo.eval.online import OnlineKNN, OnlineLinearProbe
 from mimzoo.offline_eval import check_config as check_offline_eval
 from mimzoo.offline_eval import evaluate_run
-from mimzoo.precision import configure_attention, device_type, resolve_precision
+from mimzoo.precision import apply_precision
 from mimzoo.rundir import AtomicCheckpointIO, MetricsHistory, checkpoint_callbacks, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
@@ -140,8 +140,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg, model)
     ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.ckpt_path, run_dir), run_dir)
     check_resume_checkpoint(ckpt_path)
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    configure_attention(model, precision, device_type(cfg.trainer.accelerator))
+    precision = apply_precision(cfg.trainer, model)
     trainer = instantiate(cfg.trainer, precision=precision, callbacks=build_callbacks(cfg, run_dir, model),
                           logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
                           plugins=[AtomicCheckpointIO(), *cluster_plugins()])

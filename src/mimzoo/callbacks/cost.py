@@ -61,7 +61,8 @@ class RunCost(Callback):
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.state["train_time_s"] += time.perf_counter() - self._epoch_start
+        if self._epoch_start is not None:  # (a resume mid-epoch starts no epoch: its time so far is in the state)
+            self.state["train_time_s"] += time.perf_counter() - self._epoch_start
         self._epoch_start = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

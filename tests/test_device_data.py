@@ -81,8 +81,8 @@ def test_resized_crop_is_bilinear_when_enlarging_and_an_area_mean_when_shrinking
     whole = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 2)
     up = D.resized_crop(image, whole, 32)
     assert torch.allclose(up, TF.resize(image, [32, 32], T.InterpolationMode.BILINEAR, antialias=False), atol=1e-5)
-    down = D.resized_crop(image, whole, 8)
-    assert torch.allclose(down, torch.nn.functional.avg_pool2d(image, 2), atol=1e-5)
+    down = D.resized_crop(image, whole, 4)  # 4 x 4 samples per output pixel, at the input pixels' centres
+    assert torch.allclose(down, torch.nn.functional.avg_pool2d(image, 4), atol=1e-5)
     # a box inside the image: the crop, then the resize (box k of image k)
     box = torch.tensor([[4.0, 2.0, 12.0, 10.0], [0.0, 8.0, 8.0, 16.0]])
     got = D.resized_crop(image, box, 4)
@@ -165,11 +165,15 @@ def test_image_folder_in_memory_and_its_size_limit(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
-                Image.new("RGB", (40 + 10 * i, 30), (40 * i, 100, 200)).save(tmp_path / split / cls / f"{i}.png")
+                pixels = torch.randint(0, 256, (30, 40 + 10 * i, 3), generator=torch.Generator().manual_seed(i))
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(tmp_path / split / cls / f"{i}.png")
     dm = MIMDataModule(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=2, num_workers=0,
                        loader="device", memory_image_size=24)
     images, labels = next(iter(dm.device_dataloader(CPU, seed=0)))
     assert images.shape == (2, 3, 16, 16) and dm._in_memory[0].shape == (6, 3, 24, 24)
+    stored = TF.center_crop(TF.resize(Image.open(tmp_path / "train" / "dog" / "2.png"), 24,
+                                      T.InterpolationMode.BICUBIC), 24)
+    assert torch.equal(dm._in_memory[0][5], TF.pil_to_tensor(stored))  # resized (shorter side), centre-cropped
     assert dm._in_memory[0].dtype == torch.uint8 and sorted(dm._in_memory[1].tolist()) == [0, 0, 0, 1, 1, 1]
     small = MIMDataModule(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=2, num_workers=0,
                           loader="device", memory_image_size=24, memory_limit_gb=1e-5)

@@ -197,3 +197,24 @@ def test_training_with_the_device_loader(overrides, cli, tmp_path):
     assert ckpt["global_step"] == 3 and ckpt["datamodule_hyper_parameters"]["loader"] == "device"
     losses = [float(row["train/loss"]) for row in csv.DictReader(open(tmp_path / "metrics.csv")) if row["train/loss"]]
     assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_a_batch_reads_nothing_back_from_its_device(monkeypatch):
+    """On a GPU a read of a device value (``bool``, ``int``, ``float``, ``.item()``, ``.tolist()``) stalls the
+    host until the GPU catches up: the augmentation of a batch makes none (checked here on CPU tensors, whose
+    Python-level reads are made to raise; per-batch choices come from the host-side generator instead)."""
+    dm = datamodule()
+    dm.train_views = VIEWS
+    loader = dm.device_dataloader(CPU, seed=0)
+    item = next(iter(loader.sampler))
+
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor value was read back to the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+    views, labels = loader.dataset[item]
+    dm.train_views = None
+    images, labels = dm.device_dataloader(CPU, seed=0).dataset[item]
+    monkeypatch.undo()
+    assert len(views) == 4 and images.shape == (64, 3, 32, 32)

@@ -1,9 +1,9 @@
 """Exact resume (slow tier): every method, 8 steps straight vs cut + resumed from ``last.ckpt``, at an epoch
 boundary (cut at step 4, the end of epoch 0) and mid-epoch (cut at step 6, batch 2 of 4 of epoch 1; for MAE and
-iBOT also from a step checkpoint and with two data-loading workers; both also with ``data.loader=device``), must end with bit-identical weights, buffers
-(iBOT's centres, SG-MAE's switch state), optimiser state and metrics.csv values (all but ThroughputMonitor's
-timings and counts). The cut is ``trainer.max_steps``, which stops a run early without touching its epoch-laid
-schedules. (Signals mid-epoch: tests/test_preemption.py.)
+iBOT also from a step checkpoint and with two data-loading workers, and both again with ``data.loader=device``),
+must end with bit-identical weights, buffers (iBOT's centres, SG-MAE's switch state), optimiser state and
+metrics.csv values (all but ThroughputMonitor's timings and counts). The cut is ``trainer.max_steps``, which
+stops a run early without touching its epoch-laid schedules. (Signals mid-epoch: tests/test_preemption.py.)
 
 One subprocess per method runs its five trainings (tests/train_sequence.py) to save interpreter starts.
 """

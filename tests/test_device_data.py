@@ -218,3 +218,26 @@ def test_a_batch_reads_nothing_back_from_its_device(monkeypatch):
     images, labels = dm.device_dataloader(CPU, seed=0).dataset[item]
     monkeypatch.undo()
     assert len(views) == 4 and images.shape == (64, 3, 32, 32)
+
+
+def test_no_advice_to_add_loading_workers():
+    """Lightning advises workers for a loader with fewer than 2 (on machines with more cores than this one); the
+    device loader has none to add, so the advice is not shown for it, and still is for the PIL path."""
+    import warnings
+
+    from lightning.pytorch.trainer.connectors.data_connector import _worker_check
+
+    class Trainer:
+        num_devices = 1
+
+    advice = []
+    for loader in ("pil", "device"):
+        dm = datamodule(loader=loader)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr("lightning.pytorch.trainer.connectors.data_connector.suggested_max_num_workers",
+                           lambda devices: 8)
+                _worker_check(Trainer(), dm.train_dataloader(), "train_dataloader")
+        advice.append(any("does not have many workers" in str(w.message) for w in caught))
+    assert advice == [True, False]

@@ -12,9 +12,11 @@ import functools
 import math
 import multiprocessing
 import signal
+import warnings
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 import torch
 from torch.utils.data import DataLoader
 
@@ -127,6 +129,9 @@ class MIMDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         epoch, batches = self._resume or (0, 0)
         if self.hparams.loader == "device":
+            # Lightning suggests loading workers for a loader without them; this one augments on the training
+            # device in the main process, so no worker setting applies
+            warnings.filterwarnings("ignore", r"The 'train_dataloader' does not have many workers", PossibleUserWarning)
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
             return self.device_dataloader(device, seed, world, rank, epoch, batches)
         sampler = ResumableSampler(self._dataset("train"), num_replicas=world, rank=rank, seed=seed, epoch=epoch,

@@ -177,8 +177,12 @@ def test_image_folder_in_memory_and_its_size_limit(tmp_path):
     assert dm._in_memory[0].dtype == torch.uint8 and sorted(dm._in_memory[1].tolist()) == [0, 0, 0, 1, 1, 1]
     small = MIMDataModule(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=2, num_workers=0,
                           loader="device", memory_image_size=24, memory_limit_gb=1e-5)
-    with pytest.raises(DataError, match=r"6 images of 3x24x24 .* over data.memory_limit_gb=1e-05: raise"):
+    with pytest.raises(DataError, match=r"6 images of 3x24x24 .* over data.memory_limit_gb=1e-05: raise .* lower "
+                                        r"data.memory_image_size, or use data.loader=pil"):
         small.device_dataloader(CPU, seed=0)
+    with pytest.raises(DataError, match=r"512 images of 3x32x32 uint8 \(0.00157 GB\), over data.memory_limit_gb=0.001: "
+                                        r"raise data.memory_limit_gb \(the training device must hold it\), or use"):
+        datamodule(memory_limit_gb=0.001).device_dataloader(CPU, seed=0)
 
 
 def test_bad_loader_settings_are_refused():

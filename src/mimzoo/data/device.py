@@ -44,14 +44,16 @@ GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as PIL and torchvision
 
 # --- the data in memory --------------------------------------------------------------------------------------------
 
-def check_memory(name: str, count: int, size: tuple[int, int], limit_gb: float) -> None:
-    """Refuse, before reading anything, a data set whose uint8 tensor would be larger than ``limit_gb``."""
+def check_memory(name: str, count: int, size: tuple[int, int], limit_gb: float, resized: bool = True) -> None:
+    """Refuse, before reading anything, a data set whose uint8 tensor would be larger than ``limit_gb``
+    (``resized``: its stored size is ``data.memory_image_size``, one more way out)."""
     need = count * 3 * size[0] * size[1] / 1e9
     if need > limit_gb:
+        smaller = ", lower data.memory_image_size" if resized else ""
         raise DataError(
             f"data.loader=device holds {name} in memory as {count} images of 3x{size[0]}x{size[1]} uint8 "
-            f"({need:.2f} GB), over data.memory_limit_gb={limit_gb:g}: raise data.memory_limit_gb (the training "
-            f"device must hold it), lower data.memory_image_size, or use data.loader=pil")
+            f"({need:.3g} GB), over data.memory_limit_gb={limit_gb:g}: raise data.memory_limit_gb (the training "
+            f"device must hold it){smaller}, or use data.loader=pil")
 
 
 def load_uint8(dataset, name: str, memory_image_size: int, limit_gb: float, num_workers: int = 0):
@@ -60,7 +62,7 @@ def load_uint8(dataset, name: str, memory_image_size: int, limit_gb: float, num_
     once, each image resized (shorter side, bicubic) and centre-cropped to ``memory_image_size`` (with
     ``num_workers`` decoding processes)."""
     if hasattr(dataset, "data") and hasattr(dataset, "targets"):  # CIFAR: NHWC uint8 already
-        check_memory(name, len(dataset), dataset.data.shape[1:3], limit_gb)
+        check_memory(name, len(dataset), dataset.data.shape[1:3], limit_gb, resized=False)
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.as_tensor(dataset.targets, dtype=torch.long)
     size = memory_image_size

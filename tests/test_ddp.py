@@ -1,5 +1,5 @@
 """DDP for real: two CPU processes with gloo end with identical weights after different batches
-(MAE), and with an identical EMA teacher and all-reduced centres (iBOT)."""
+(MAE, also with ``data.loader=device``), and with an identical EMA teacher and all-reduced centres (iBOT)."""
 
 import os
 import subprocess
@@ -46,3 +46,18 @@ def test_two_process_ibot_teacher_and_centres_identical(tmp_path):
     assert r0["state"]["center"].abs().sum() > 0
     name = "teacher.blocks.0.attn.qkv.weight"
     assert not torch.equal(r0["initial"][name], r0["state"][name])  # the EMA moved the teacher
+
+
+def test_two_process_ddp_with_the_device_loader(tmp_path):
+    """``data.loader=device`` under DDP: each rank augments its own shard (the PIL path's shard of the same
+    epoch order) and the ranks end identical."""
+    from mimzoo.data import ResumableSampler
+    from mimzoo.data.datasets import CIFAR
+
+    r0, r1 = run_two_ranks(tmp_path, "mae", "data.loader=device")
+    targets = CIFAR(os.environ["MIMZOO_DATA"], "cifar10-mini").targets
+    for rank, out in enumerate((r0, r1)):
+        shard = [i for _, i in ResumableSampler(range(512), num_replicas=2, rank=rank, seed=0)][:16]
+        assert torch.equal(out["labels"], targets[shard]), rank
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name

@@ -1,9 +1,9 @@
 """Exact resume (slow tier): every method, 8 steps straight vs cut + resumed from ``last.ckpt``, at an epoch
 boundary (cut at step 4, the end of epoch 0) and mid-epoch (cut at step 6, batch 2 of 4 of epoch 1; for MAE and
-iBOT also from a step checkpoint and with two data-loading workers), must end with bit-identical weights, buffers
-(iBOT's centres, SG-MAE's switch state), optimiser state and metrics.csv values (all but ThroughputMonitor's
-timings and counts). The cut is ``trainer.max_steps``, which stops a run early without touching its epoch-laid
-schedules. (Signals mid-epoch: tests/test_preemption.py.)
+iBOT also from a step checkpoint and with two data-loading workers, and both again with ``data.loader=device``),
+must end with bit-identical weights, buffers (iBOT's centres, SG-MAE's switch state), optimiser state and
+metrics.csv values (all but ThroughputMonitor's timings and counts). The cut is ``trainer.max_steps``, which
+stops a run early without touching its epoch-laid schedules. (Signals mid-epoch: tests/test_preemption.py.)
 
 One subprocess per method runs its five trainings (tests/train_sequence.py) to save interpreter starts.
 """
@@ -37,13 +37,15 @@ def method_overrides(method: str, tokenizer: Path) -> list[str]:
         "simmim": ["model=simmim", *[o for o in TINY if not o.startswith("model.decoder")]],
         "sgmae": [*TINY, "model=sgmae", "model.probe_size=64", "model.start_epoch=1"],  # informed masks in epoch 1
         "ibot": TINY_IBOT,
+        "mae_device": [*TINY, "data.loader=device"],  # whole batches augmented on the training device
+        "ibot_device": [*TINY_IBOT, "data.loader=device"],
         "dvae": TINY_DVAE,
         "beit": ["model=beit", *[o for o in TINY if not o.startswith("model.decoder")],
                  f"model.tokenizer.ckpt={tokenizer}", "model.num_tokens=64"],
     }[method]
 
 
-METHODS = ["mae", "convmae", "simmim", "sgmae", "ibot", "dvae", "beit"]
+METHODS = ["mae", "convmae", "simmim", "sgmae", "ibot", "dvae", "beit", "mae_device", "ibot_device"]
 STEP_CHECKPOINTS = ["checkpoint.every_n_epochs=null", "checkpoint.every_n_train_steps=2"]
 CUTS = {"epoch": (4, []),  # end of epoch 0: the epoch-end checkpoint
         "mid": (6, []),  # batch 2 of 4 of epoch 1: the checkpoint max_steps leaves (saved by epoch-end hooks)

@@ -268,7 +268,7 @@ GUARDED = ("model", "mask", "optim", "data", "seed", "trainer.accumulate_grad_ba
            "trainer.gradient_clip_algorithm", "trainer.precision", "trainer.limit_train_batches")
 # ... except these, which change how the same experiment runs. Anything else (trainer.max_epochs/max_steps to
 # extend a run, trainer.devices, logger, checkpoint, recon, probe, compile) may change freely.
-NOT_GUARDED = ("data.num_workers", "data.download")
+NOT_GUARDED = ("data.num_workers", "data.download", "data.memory_limit_gb")
 ALLOW_KEY = "resume_allow_changes"
 MISSING = "<absent>"
 

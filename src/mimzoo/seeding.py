@@ -8,7 +8,8 @@ Every random draw of pre-training is seeded from the run's seed (``seed``, which
   at any batch of it);
 * augmentation: ``(seed, epoch, sample index)`` -> torch, ``random`` and NumPy seeds before that sample's transform
   (:class:`mimzoo.data.SeededDataset`), in a worker or in the main process alike (where the states are restored
-  after each batch);
+  after each batch); with ``data.loader=device``, ``(seed, epoch, batch index, rank)`` -> the generator a whole
+  batch's augmentation is drawn from (:class:`mimzoo.data.device.DeviceBatches`);
 * training masks: ``(seed, epoch, batch index, rank)`` -> the ``torch.Generator`` the method draws them from;
 * the global torch RNG (dropout, drop-path, Gumbel noise): re-seeded from the same position before every batch.
 
@@ -29,7 +30,7 @@ from torch.utils.data import get_worker_info
 _M64 = (1 << 64) - 1
 
 # stream ids: one per kind of draw, so that equal positions of two streams give unrelated seeds
-DATA_ORDER, AUGMENTATION, TRAIN_MASKS, TRAIN_GLOBAL = 1, 2, 3, 4
+DATA_ORDER, AUGMENTATION, TRAIN_MASKS, TRAIN_GLOBAL, DEVICE_AUGMENTATION = 1, 2, 3, 4, 5
 
 
 def _mix(z: int) -> int:

@@ -12,18 +12,24 @@ import functools
 import math
 import multiprocessing
 import signal
+import warnings
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 import torch
 from torch.utils.data import DataLoader
 
-from mimzoo.errors import DataError
+from mimzoo.errors import ConfigError, DataError
 from mimzoo.seeding import run_seed
 
 from .datasets import build_dataset, num_classes_of
+from .device import BatchViews, DeviceBatches, ResumableBatchSampler, load_uint8
 from .sampling import ResumableDataLoader, ResumableSampler, SeededDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, build_transform
+
+LOADERS = ("pil", "device")
+DEVICE_SCALES = {"mae": (0.2, 1.0), "linear": (0.08, 1.0)}  # RandomResizedCrop scales of the batched train_augs
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -68,13 +74,19 @@ class MIMDataModule(L.LightningDataModule):
         num_classes: int | None = None,
         drop_last: bool = True,
         bad_images: str = "skip",
+        loader: str = "pil",
+        memory_limit_gb: float = 4.0,
+        memory_image_size: int | None = None,
     ):
         super().__init__()
+        if loader not in LOADERS:
+            raise ConfigError(f"data.loader={loader!r} is not a loader; choose one of {', '.join(LOADERS)}")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.train_views: dict | None = None  # set by methods that train on multi-crop views (iBOT)
         self._sets: dict = {}
         self._resume: tuple[int, int] | None = None  # (epoch, batches done in it) from a checkpoint
+        self._in_memory: tuple | None = None  # data.loader=device: (images, labels) on the training device
 
     def _dataset(self, split: str):
         if split not in self._sets:
@@ -111,15 +123,48 @@ class MIMDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         """Shuffled by a :class:`ResumableSampler` (sharded over the trainer's ranks, started where a resumed
-        checkpoint left off) over the training set wrapped in a :class:`SeededDataset`."""
+        checkpoint left off) over the training set wrapped in a :class:`SeededDataset`; with ``loader=device``,
+        batches of the same samples augmented on the training device (:meth:`device_dataloader`)."""
         trainer, seed = self.trainer, run_seed()
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         epoch, batches = self._resume or (0, 0)
+        if self.hparams.loader == "device":
+            # Lightning suggests loading workers for a loader without them; this one augments on the training
+            # device in the main process, so no worker setting applies
+            warnings.filterwarnings("ignore", r"The 'train_dataloader' does not have many workers", PossibleUserWarning)
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            return self.device_dataloader(device, seed, world, rank, epoch, batches)
         sampler = ResumableSampler(self._dataset("train"), num_replicas=world, rank=rank, seed=seed, epoch=epoch,
                                    start=batches * self.batch_size)
         self._check_batches(len(self._dataset("train")))
         return self._loader("train", shuffle=False, drop_last=self.hparams.drop_last, sampler=sampler,
                             dataset=SeededDataset(self._dataset("train"), seed), loader=ResumableDataLoader)
+
+    def device_dataloader(self, device: torch.device, seed: int, world: int = 1, rank: int = 0, epoch: int = 0,
+                          batches: int = 0) -> ResumableDataLoader:
+        """``loader=device``: the training split, read once as uint8 onto ``device``, and a loader (no workers,
+        ``batch_size=None``) whose items are whole batches augmented there. The loader, not a batch-transfer hook,
+        does the augmentation so that what it yields is the training batch itself: Lightning shards, counts and
+        resumes it as any map-style loader (its sampler is a DistributedSampler), and benchmarks and tests use it
+        without a trainer. Only MAE's view (``train_aug`` mae or linear) or a method's multi-crop are batched."""
+        h = self.hparams
+        if not self.train_views and h.train_aug not in DEVICE_SCALES:
+            raise ConfigError(f"data.loader=device augments batches for train_aug mae or linear, not "
+                              f"{h.train_aug!r}: set data.train_aug=mae or data.loader=pil")
+        if self._in_memory is None or self._in_memory[0].device != device:
+            images, labels = self._in_memory or load_uint8(
+                build_dataset(h.name, h.root, train=True, transform=None, image_size=h.image_size,
+                              download=h.download, fake_size=h.fake_size, num_classes=h.num_classes,
+                              bad_images=h.bad_images),
+                h.name, h.memory_image_size or h.image_size, h.memory_limit_gb, h.num_workers)
+            self._in_memory = images.to(device), labels.to(device)
+        images, labels = self._in_memory
+        self._check_batches(len(images))
+        views = BatchViews(h.image_size, h.mean, h.std, views=self.train_views,
+                           scale=DEVICE_SCALES.get(h.train_aug, DEVICE_SCALES["mae"]))
+        sampler = ResumableBatchSampler(images, self.batch_size, drop_last=h.drop_last, num_replicas=world,
+                                        rank=rank, seed=seed, epoch=epoch, start=batches)
+        return ResumableDataLoader(DeviceBatches(images, labels, views, seed, rank), batch_size=None, sampler=sampler)
 
     def _check_batches(self, num_images: int) -> None:
         """A batch larger than a process's share of the training split leaves no batch (drop_last): refuse it

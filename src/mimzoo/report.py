@@ -26,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from mimzoo.rundir import atomic_write
+from mimzoo.runs import CONFIG_DIR
 
 # Offline protocols (``<run>/eval/<protocol>/results.json``) as metrics ``eval/<protocol>_top1``, in the
 # order the default metric prefers them; the paper's headline protocols first.
@@ -488,9 +489,10 @@ def log_to_wandb(runs: list[Run], root: Path, out: Path, rows: list[dict], colum
 
 
 def report(root: str | Path, metric: str | None = None, x: str | None = None, out: str | Path | None = None,
-           wandb: bool | None = None) -> dict:
+           wandb: bool | None = None, paper: str | None = None) -> dict:
     """Write report.md, report.csv, report.html and (when something was swept) report.png; log the table and
-    plot to W&B when ``wandb`` (None: when the runs logged to W&B). Returns paths, table and rows."""
+    plot to W&B when ``wandb`` (None: when the runs logged to W&B). ``paper`` names a paper table (see
+    :func:`load_paper`) instead of the runs' own. Returns paths, table and rows."""
     root = Path(root)
     runs = load_runs(root)
     swept, constant = split_overrides(runs)

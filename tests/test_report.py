@@ -265,6 +265,18 @@ def test_paper_rows_match_overrides_and_config(tmp_path):
                     "4": pytest.approx(0.66)}
 
 
+def test_paper_table_given_on_the_command_line(tmp_path, capsys):
+    """--paper names a packaged table (or a .yaml file) for runs whose preset carries none; a bad name lists them."""
+    make_run(tmp_path, "0", ["mask.ratio=0.75"], curve([0.3], [1.0], [1.0]), max_epochs=1)
+    make_run(tmp_path, "1", ["mask.ratio=0.25"], curve([0.4], [1.0], [1.0]), max_epochs=1)
+    lin = "linear top-1 (paper: MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text))"
+    rows = {r["run"]: r[lin] for r in report(tmp_path, paper="mae_fig5")["rows"]}
+    assert rows == {"0": pytest.approx(0.735), "1": ""}
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--paper", "no_such_table"])
+    assert "mae_fig5" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("block,message", [
     ({"rows": []}, "needs label:"),
     ({"label": "T", "rows": [{"linear": 70.0}]}, "each paper: row needs where:"),
@@ -508,10 +520,12 @@ def test_wandb_off_when_disabled_or_unconfigured(tmp_path):
     ("mae_mask_type", "MAE Table 1f, ViT-L/16, IN-1K, 800 ep", 4),
     ("mae_mask_ratio", "MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text)", 2),
     ("mae_mask_ratio_cpu", "MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text)", 2),
+    ("compare_cifar", "IN-1K headlines, ViT-B size, 400-1600 ep", 4),
 ])
 def test_presets_carry_their_paper_table(preset, label, rows):
     """The presets that reproduce a paper table bring its numbers (conf/paper/), in a form the report reads."""
     from mimzoo.report import Run, read_paper
 
     paper = read_paper([Run("0", config=compose_train(f"experiment={preset}"))])
-    assert paper.label == label and len(paper.rows) == rows and set(paper.protocols) <= {"linear", "finetune"}
+    assert paper.label == label and len(paper.rows) == rows
+    assert set(paper.protocols) <= {"linear", "finetune", "knn"}

@@ -39,10 +39,12 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # mimzoo against the official code, step for step (benchmarks/side_by_side.py; OFFICIAL="--official-mae PATH ..."
-# times checkouts of the official repositories instead of the tests' re-statements). benchmarks/mae_throughput.py
-# (token dropping: the encoder on the visible 25% vs on all tokens) runs on its own.
+# times checkouts of the official repositories instead of the tests' re-statements), then the data loaders (PIL
+# workers vs data.loader=device, benchmarks/data_throughput.py; needs CIFAR-10 under MIMZOO_DATA or ./data).
+# benchmarks/mae_throughput.py (token dropping: the encoder on the visible 25% vs on all tokens) runs on its own.
 bench: install
 	$(BIN)/python benchmarks/side_by_side.py $(OFFICIAL) --json bench.json --markdown bench.md
+	$(BIN)/python benchmarks/data_throughput.py
 
 clean:
 	rm -rf runs multirun outputs bench.json bench.md

@@ -1,0 +1,40 @@
+"""What a sweep's runs would cost at full length on one GPU, from the FLOPs each run counted (cost.json).
+
+FLOPs per image of a training step are measured (torch's FLOP counter on the run's first step); the GPU's
+utilisation is not (no GPU here), so the estimate is given at two model-FLOP utilisations, as a range.
+
+    python experiments/compare_cifar/full_length.py <sweep dir> [--epochs 800] [--images 50000]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+PEAK = 989e12  # H100 / H200 SXM, dense bf16 FLOP/s
+MFU = (0.4, 0.1)  # a well-fed large ViT reaches ~40%; a ViT-T on 32px images, small matmuls, far less
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("sweep")
+    parser.add_argument("--epochs", type=int, default=800)
+    parser.add_argument("--images", type=int, default=50000, help="images per epoch (CIFAR-10's training split)")
+    args = parser.parse_args()
+    images = args.epochs * args.images
+    print(f"| run | method | GFLOPs/img (train step) | PFLOPs for {args.epochs} epochs | "
+          f"H100 minutes of compute at {MFU[0]:.0%} / {MFU[1]:.0%} MFU |")
+    print("|---|---|---|---|---|")
+    for run in sorted(p.parent for p in Path(args.sweep).glob("*/cost.json")):
+        cost = json.loads((run / "cost.json").read_text())
+        if not cost.get("gflops_per_image"):
+            continue
+        overrides = (run / ".hydra" / "overrides.yaml").read_text().splitlines()
+        method = next((line.split("=", 1)[1] for line in overrides if "compare=" in line), run.name)
+        flops = cost["gflops_per_image"] * 1e9 * images
+        minutes = [flops / (PEAK * u) / 60 for u in MFU]
+        print(f"| {run.name} | {method} | {cost['gflops_per_image']:.3f} | {flops / 1e15:,.1f} | "
+              f"{minutes[0]:.1f} - {minutes[1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -265,6 +265,14 @@ def test_paper_rows_match_overrides_and_config(tmp_path):
                     "4": pytest.approx(0.66)}
 
 
+def test_a_key_left_at_its_default_shows_the_default(tmp_path):
+    """A second seed added to a sweep by one override: the runs without it show their config's seed, 0."""
+    make_run(tmp_path, "0", ["mask.ratio=0.75"], curve([0.3], [1.0], [1.0]), max_epochs=1, config={"seed": 0})
+    make_run(tmp_path, "1", ["mask.ratio=0.75", "seed=1"], curve([0.4], [1.0], [1.0]), max_epochs=1,
+             config={"seed": 1})
+    assert {r["run"]: r["seed"] for r in report(tmp_path)["rows"]} == {"0": "0", "1": "1"}
+
+
 def test_paper_table_given_on_the_command_line(tmp_path, capsys):
     """--paper names a packaged table (or a .yaml file) for runs whose preset carries none; a bad name lists them."""
     make_run(tmp_path, "0", ["mask.ratio=0.75"], curve([0.3], [1.0], [1.0]), max_epochs=1)

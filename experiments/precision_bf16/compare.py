@@ -26,8 +26,8 @@ def main(fp32: str, bf16: str, out: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     loss = {name: series(run, "train/loss") for name, run in runs.items()}
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, curve in loss.items():
-        ax.plot(list(curve), list(curve.values()), label=name, lw=1.2)
+    for (name, curve), style in zip(loss.items(), ("-", "--")):
+        ax.plot(list(curve), list(curve.values()), style, label=name, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (norm-pixel MSE)")
     ax.set_title("make demo's MAE, same seed: fp32 vs bf16 autocast")

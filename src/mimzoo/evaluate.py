@@ -29,7 +29,7 @@ from mimzoo.errors import ConfigError, MissingFileError, user_errors
 from mimzoo.eval.finetune import FineTune
 from mimzoo.eval.knn import extract_features, knn_predict
 from mimzoo.eval.linear import LinearProbe
-from mimzoo.precision import apply_precision, configure_attention, resolve_precision
+from mimzoo.precision import apply_precision, device_type
 from mimzoo.rundir import AtomicCheckpointIO, atomic_write, claim_run_dir, release_run_dir
 from mimzoo.runs import CONFIG_DIR, build_loggers
 
@@ -102,14 +102,12 @@ def first_images(loader, limit: int | None):
 
 def run_knn(cfg, backbone, datamodule, run_dir) -> dict:
     """Weighted kNN: the training split (eval transform) is the bank, the val split the queries."""
-    use_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device = torch.device(device_type(cfg.trainer.accelerator))
     model = backbone.to(device).eval()
     quiet = not cfg.trainer.enable_progress_bar
     # The run's precision applies to the feature pass too (trainer.precision: auto -> bf16 where native); the
     # similarities are computed in fp32 from the normalised features.
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    configure_attention(model, precision, device.type)
+    precision = apply_precision(cfg.trainer, model)
     bank_loader = first_images(datamodule.bank_dataloader(), cfg.protocol.get("max_bank"))
     query_loader = first_images(datamodule.val_dataloader(), cfg.protocol.get("max_queries"))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):

@@ -162,9 +162,9 @@ def split_overrides(runs: list[Run]) -> tuple[list[str], dict]:
     """Swept keys (values differ between runs, in command-line order) and the constant ones."""
     keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
     for run in runs:  # a key some runs override and others leave at its default: show the default (its config's)
-        for key in keys:
+        for key in (k for k in keys if k not in run.overrides):
             value, shown = _setting(run, key)
-            if key not in run.overrides and shown is not None:
+            if shown is not None:
                 run.overrides[key], run.shown[key] = value, shown
     swept = [k for k in keys if len({r.shown.get(k) for r in runs}) > 1]
     constant = {k: runs[0].shown[k] for k in keys if k not in swept}

@@ -177,7 +177,7 @@ def record_in_wandb(run_dir: Path, train_cfg: DictConfig, summary: dict) -> None
         return
     import wandb
 
-    from mimzoo.runs import _wandb_settings, wandb_mode
+    from mimzoo.runs import wandb_mode, wandb_settings
 
     if wandb.run is not None and wandb.run.id == run_id:
         wandb.run.summary.update(summary)
@@ -186,7 +186,7 @@ def record_in_wandb(run_dir: Path, train_cfg: DictConfig, summary: dict) -> None
     if mode == "disabled":
         return
     run = wandb.init(project=wb.project, entity=wb.entity, id=run_id, dir=str(run_dir), resume="allow", mode=mode,
-                     settings=_wandb_settings(mode))
+                     settings=wandb_settings(mode))
     run.summary.update(summary)
     run.finish()
 

@@ -472,7 +472,7 @@ def log_to_wandb(runs: list[Run], root: Path, out: Path, rows: list[dict], colum
     group, in the mode the runs' logger config gives (offline unless logged in); None when that is disabled."""
     import wandb
 
-    from mimzoo.runs import wandb_mode
+    from mimzoo.runs import wandb_mode, wandb_settings
 
     first = root / runs[0].name
     wb = OmegaConf.select(runs[0].config, "logger.wandb")
@@ -481,7 +481,7 @@ def log_to_wandb(runs: list[Run], root: Path, out: Path, rows: list[dict], colum
         return None
     group = sweep_group(first)
     run = wandb.init(project=wb.project, entity=wb.entity, group=group, name=f"report {group or root.name}",
-                     job_type="report", dir=str(out), mode=mode, settings=wandb.Settings(silent=True))
+                     job_type="report", dir=str(out), mode=mode, settings=wandb_settings(mode))
     table = wandb.Table(columns=[c.name for c in columns],
                         data=[[None if row[c.name] == "" else row[c.name] for c in columns] for row in rows])
     logged = {"report/table": table}

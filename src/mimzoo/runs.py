@@ -31,7 +31,7 @@ def wandb_mode(requested: str) -> str:
         return "offline"
 
 
-def _wandb_settings(mode: str):
+def wandb_settings(mode: str):
     """W&B's own console lines are off: the run summary names the W&B run (its URL, or the offline folder and
     `wandb sync`). Online, ``quiet`` drops the version line and the run history and keeps W&B's warnings; an
     offline run prints its header ("syncing is set to offline", where the data is, a `wandb leet` tip) unless
@@ -64,7 +64,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         mode = wandb_mode(wb.mode)
         logger = WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name, tags=list(wb.tags),
                              save_dir=str(run_dir), mode=mode, id=run_id, resume="allow",
-                             config=OmegaConf.to_container(cfg, resolve=True), settings=_wandb_settings(mode))
+                             config=OmegaConf.to_container(cfg, resolve=True), settings=wandb_settings(mode))
         # Lightning always hands wandb.init ``anonymous`` (None here), a setting wandb>=0.19 deprecates with a
         # warning whatever its value; nothing else reads it.
         logger._wandb_init.pop("anonymous", None)

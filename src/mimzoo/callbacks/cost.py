@@ -5,9 +5,11 @@ many images were seen. Keys of ``cost.json``:
 
 - ``wall_clock_s``: seconds inside ``trainer.fit``, summed over resumes (validation and probes included);
 - ``train_images_per_s``: images per second over the training epochs alone (data loading included), all ranks;
-- ``gflops_per_image``: one training step (forward, backward; the optimiser adds no matmul FLOPs) counted by
-  :class:`torch.utils.flop_counter.FlopCounterMode` on the first step of the run, divided by its batch size; the
-  count is per rank, so it does not depend on the number of GPUs (``null`` under ``compile=true``);
+- ``gflops_per_image``: training FLOPs per image (forward and backward; the optimiser adds no matmul FLOPs),
+  averaged over the run: :class:`torch.utils.flop_counter.FlopCounterMode` counts the first step of every epoch
+  and that count stands for the epoch's images, so a method whose step changes between epochs (SG-MAE's switch
+  to informed masks) is charged for both phases; per rank, so it does not depend on the number of GPUs (``null``
+  under ``compile=true``);
 - ``peak_memory_mb`` with ``memory_kind``: ``cuda_max_allocated`` (allocator peak) on a GPU, else ``cpu_max_rss``
   (the process's peak resident set, which includes the data and the Python runtime);
 - ``params`` (all trained modules), ``encoder_params`` (what evaluation uses; ``null`` for the dVAE); ``epochs``, ``steps``, ``images_seen`` (all ranks); ``device``, ``precision``.
@@ -34,7 +36,8 @@ class RunCost(Callback):
     def __init__(self, path: str | Path, count_flops: bool = True):
         self.path = Path(path)
         self.count_flops = count_flops
-        self.state = {"wall_clock_s": 0.0, "train_time_s": 0.0, "images_seen": 0, "flops_per_image": None}
+        self.state = {"wall_clock_s": 0.0, "train_time_s": 0.0, "images_seen": 0, "flops": 0.0,
+                      "flops_per_image": None, "counted_epoch": -1}
         self._fit_start = self._epoch_start = None
         self._counter: FlopCounterMode | None = None
         self._counted_batch = 0
@@ -50,6 +53,8 @@ class RunCost(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.state.update(state_dict)
+        if "flops" not in state_dict and state_dict.get("flops_per_image") is not None:  # a checkpoint that counted one step only
+            self.state["flops"] = state_dict["flops_per_image"] * state_dict["images_seen"]
 
     # --- timing ------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module):
@@ -66,17 +71,21 @@ class RunCost(Callback):
         self._epoch_start = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.count_flops and self.state["flops_per_image"] is None and self._counter is None:
+        if self.count_flops and self.state["counted_epoch"] != trainer.current_epoch and self._counter is None:
             self._counter = FlopCounterMode(display=False)
             self._counted_batch = primary_view(batch[0]).shape[0]
             self._counter.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.state["images_seen"] += primary_view(batch[0]).shape[0] * trainer.world_size
+        images = primary_view(batch[0]).shape[0] * trainer.world_size
+        self.state["images_seen"] += images
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.state["flops_per_image"] = self._counter.get_total_flops() / self._counted_batch
+            self.state["counted_epoch"] = trainer.current_epoch
             self._counter = None
+        if self.state["flops_per_image"] is not None:
+            self.state["flops"] += self.state["flops_per_image"] * images
 
     def on_exception(self, trainer, pl_module, exception):
         if self._counter is not None:
@@ -95,7 +104,7 @@ class RunCost(Callback):
             peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
         else:
             peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, "cpu_max_rss"  # Linux: KiB
-        flops = self.state["flops_per_image"]
+        flops = self.state["flops"] / self.state["images_seen"] if self.state["flops_per_image"] is not None else None
         train_time = self.state["train_time_s"]
         return {
             "wall_clock_s": round(self.state["wall_clock_s"], 2),

@@ -73,6 +73,8 @@ def test_beit_trains_its_tokenizer_once_and_the_floor_is_evaluated(tmp_path, cli
     table = (sweep / "report.md").read_text()
     assert "kNN top-1 (offline)" in table and "GFLOPs/img" in table and "untrained (trainer.max_steps=0)" in table
     assert "| beit |" in table and "| dvae |" in table  # the tokenizer stage's row: its cost is part of BEiT's
+    assert table.startswith("# kNN top-1 (offline) by compare\n")  # its own overrides are not swept keys
+    assert "prerequisite stage (no encoder to evaluate)" in table
     stamp = (tokenizer / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     # Another BEiT run of the same sweep (its directory beside the others) reuses the finished stage.
     cli("train", "experiment=compare_cifar", "compare=beit", *TINY_COMPARE, f"hydra.run.dir={sweep / 'again'}")

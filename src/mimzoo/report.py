@@ -25,6 +25,7 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from mimzoo.offline_eval import has_encoder
 from mimzoo.rundir import atomic_write
 from mimzoo.runs import CONFIG_DIR
 
@@ -58,6 +59,7 @@ class Run:
     config: dict = field(default_factory=dict)      # .hydra/config.yaml, unresolved ({} when absent)
     cost: dict = field(default_factory=dict)        # cost.json
     panel: Path | None = None                       # newest reconstruction / informed-mask picture
+    stage: bool = False                             # a prerequisite stage (BEiT's dVAE): no encoder, not a point
 
 
 def _number(text: str) -> float | None:
@@ -109,6 +111,7 @@ def load_run(run_dir: Path, root: Path) -> Run:
     run.config = OmegaConf.load(config) if config.exists() else OmegaConf.create()
     run.cost = _read_json(run_dir / "cost.json")
     run.panel = newest_panel(run_dir)
+    run.stage = OmegaConf.select(run.config, "model._target_") is not None and not has_encoder(run.config)
     offline = {f"eval/{p}_top1": _read_json(run_dir / "eval" / p / "results.json").get("top1") for p in PROTOCOLS}
     offline = {k: float(v) for k, v in offline.items() if v is not None}
     metrics = run_dir / "metrics.csv"
@@ -119,6 +122,8 @@ def load_run(run_dir: Path, root: Path) -> Run:
         return run
     run.last, run.best, last_epoch = read_metrics(metrics)
     run.note = _unfinished(run.config, last_epoch) if run.last else "no metrics logged"
+    if run.stage and not run.note:
+        run.note = "prerequisite stage (no encoder to evaluate)"
     run.last.update(offline)
     run.best.update(offline)
     return run
@@ -159,7 +164,9 @@ def load_runs(root: Path) -> list[Run]:
 
 
 def split_overrides(runs: list[Run]) -> tuple[list[str], dict]:
-    """Swept keys (values differ between runs, in command-line order) and the constant ones."""
+    """Swept keys (values differ between runs, in command-line order) and the constant ones, read from the sweep's
+    points: a prerequisite stage's own overrides (the dVAE's data and model) are not swept keys."""
+    runs = [r for r in runs if not r.stage] or runs
     keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
     for run in runs:  # a key some runs override and others leave at its default: show the default (its config's)
         for key in (k for k in keys if k not in run.overrides):

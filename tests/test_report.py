@@ -537,3 +537,25 @@ def test_presets_carry_their_paper_table(preset, label, rows):
     paper = read_paper([Run("0", config=compose_train(f"experiment={preset}"))])
     assert paper.label == label and len(paper.rows) == rows
     assert set(paper.protocols) <= {"linear", "finetune", "knn"}
+
+
+def test_untrained_floor_is_a_line_on_the_plot(tmp_path):
+    """The untrained network (trainer.max_steps=0: no metrics.csv, steps 0 and a last.ckpt) is the floor of a
+    numeric sweep: a horizontal line, not a point, and its `compare` override does not split the curve in two."""
+    import json
+
+    def evaluated(name, overrides, top1, rows):
+        make_run(tmp_path, name, overrides, rows, max_epochs=1)
+        (tmp_path / name / "eval" / "knn").mkdir(parents=True)
+        (tmp_path / name / "eval" / "knn" / "results.json").write_text(json.dumps({"top1": top1}))
+
+    for name, ratio, top1 in (("0", 0.5, 0.41), ("1", 0.75, 0.44)):
+        evaluated(name, ["compare=mae", f"mask.ratio={ratio}"], top1, curve([0.3], [1.0], [1.0]))
+    evaluated("floor", ["compare=untrained", "mask.ratio=0.75"], 0.31, None)
+    (tmp_path / "floor" / "cost.json").write_text(json.dumps(cost(steps=0, images_seen=0)))
+    (tmp_path / "floor" / "checkpoints").mkdir()
+    (tmp_path / "floor" / "checkpoints" / "last.ckpt").touch()
+    result = report(tmp_path, metric="eval/knn_top1")
+    assert result["x"] == "mask.ratio" and result["swept"] == ["compare", "mask.ratio"]
+    assert result["series"] == ["untrained network (floor)", "ours"]
+    assert "| floor | untrained | 0.75 |" in result["table"] and "untrained (trainer.max_steps=0)" in result["table"]

@@ -60,6 +60,7 @@ class Run:
     cost: dict = field(default_factory=dict)        # cost.json
     panel: Path | None = None                       # newest reconstruction / informed-mask picture
     stage: bool = False                             # a prerequisite stage (BEiT's dVAE): no encoder, not a point
+    floor: bool = False                             # the untrained network (trainer.max_steps=0)
 
 
 def _number(text: str) -> float | None:
@@ -117,8 +118,8 @@ def load_run(run_dir: Path, root: Path) -> Run:
     metrics = run_dir / "metrics.csv"
     if not metrics.exists():
         run.last, run.best = dict(offline), dict(offline)
-        untrained = run.cost.get("steps") == 0 and (run_dir / "checkpoints" / "last.ckpt").is_file()
-        run.note = "untrained (trainer.max_steps=0)" if untrained else "failed or not started: no metrics.csv"
+        run.floor = run.cost.get("steps") == 0 and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        run.note = "untrained (trainer.max_steps=0)" if run.floor else "failed or not started: no metrics.csv"
         return run
     run.last, run.best, last_epoch = read_metrics(metrics)
     run.note = _unfinished(run.config, last_epoch) if run.last else "no metrics logged"
@@ -345,18 +346,22 @@ def markdown(rows: list[dict], columns: list[Column], caption: str) -> str:
 def plot(runs: list[Run], swept: list[str], metric: str, x: str, path: Path, title: str,
          paper: Paper | None = None) -> list[str]:
     """MAE Fig. 5 style: the metric against ``x``, one line per setting of the other swept keys;
-    a bar chart when ``x`` is the only, categorical, key. The paper's numbers of the same protocol are
-    their own series (dashed, square markers), labelled with the paper's table. Returns the series' labels."""
+    a bar chart when ``x`` is the only, categorical, key. An untrained run is the floor: a dotted horizontal line
+    on a numeric axis. The paper's numbers of the same protocol are their own series (dashed, square markers),
+    labelled with the paper's table. Returns the series' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    others = [k for k in swept if k != x]
     numeric = is_numeric(runs, x)
-    done = sorted((r for r in runs if metric in r.last),
-                  key=lambda r: ([_sort_key(r.overrides.get(k)) for k in others + [x]], r.name))
+    floors = [r for r in runs if r.floor and metric in r.last] if numeric else []
+    curves = [r for r in runs if metric in r.last and not (numeric and r.floor)]
+    others = [k for k in swept if k != x and len({r.shown.get(k) for r in curves}) > 1]
+    done = sorted(curves, key=lambda r: ([_sort_key(r.overrides.get(k)) for k in others + [x]], r.name))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for floor in floors:
+        ax.axhline(floor.last[metric], color="grey", linestyle=":", label="untrained network (floor)")
     if not others and not numeric:
         ax.bar([r.shown.get(x, "") for r in done], [r.last[metric] for r in done], label="ours")
     else:
@@ -378,7 +383,7 @@ def plot(runs: list[Run], swept: list[str], metric: str, x: str, path: Path, tit
                     linestyle="--" if numeric else "none", color="black", alpha=0.7,
                     label=f"paper: {paper.label}" + (f" ({extra})" if extra else ""))
     series = [line.get_label() for line in ax.get_lines()] + [c.get_label() for c in ax.containers]
-    if others or (paper and protocol in paper.protocols):
+    if others or floors or (paper and protocol in paper.protocols):
         ax.legend(fontsize="small")
     ax.set_xlabel(x)
     ax.set_ylabel(label(metric))

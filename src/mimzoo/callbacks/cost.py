@@ -53,7 +53,8 @@ class RunCost(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.state.update(state_dict)
-        if "flops" not in state_dict and state_dict.get("flops_per_image") is not None:  # a checkpoint that counted one step only
+        if "flops" not in state_dict and state_dict.get("flops_per_image") is not None:
+            # a checkpoint that counted one step only: that count stood for every image
             self.state["flops"] = state_dict["flops_per_image"] * state_dict["images_seen"]
 
     # --- timing ------------------------------------------------------------------------------------------

@@ -41,15 +41,22 @@ def test_beit_tokenizer_is_a_prerequisite_that_follows_the_run():
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from mimzoo.train import override_value
+
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=compare_cifar", "compare=beit", "data=cifar10_mini",
-                                          "trainer.max_epochs=3"], return_hydra_config=True)
+                                          "trainer.max_epochs=3", "trainer.limit_train_batches=null"],
+                      return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # as in a job: ${hydra:runtime.choices.data} resolves
     raw = OmegaConf.to_container(cfg, resolve=False)
     assert raw["model"]["tokenizer"]["ckpt"] == "${prerequisites.tokenizer.run_dir}/checkpoints/last.ckpt"
     assert raw["prerequisites"]["tokenizer"]["run_dir"] == "${hydra:runtime.output_dir}/../tokenizer"
-    overrides = list(cfg.prerequisites.tokenizer.overrides)
+    overrides = [f"{k}={override_value(v)}" for k, v in cfg.prerequisites.tokenizer.overrides.items()]
     assert {"compare=dvae", "data=cifar10_mini", "trainer.max_epochs=3", "data.batch_size=128"} <= set(overrides)
+    # Hydra reads the command line back to the same config: an unlimited budget stays null, not the string "None".
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        stage = compose("train", overrides=overrides)
+    assert stage.trainer.limit_train_batches is None and stage.trainer.max_epochs == 3
 
 
 TINY_COMPARE = ["data=cifar10_mini", "model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",

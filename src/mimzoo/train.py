@@ -106,6 +106,11 @@ def check_resume_checkpoint(ckpt_path: str | None) -> None:
         raise CheckpointError(f"cannot resume: {err}") from err
 
 
+def override_value(value) -> str:
+    """A resolved config value as Hydra's command line reads it back (``null``, ``true``), not as Python prints it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def train_prerequisites(cfg: DictConfig) -> None:
     """``prerequisites``: runs this one needs first (BEiT's dVAE tokenizer), each trained once in its own run
     directory (``mimzoo-train <overrides> hydra.run.dir=<run_dir>``) and reused by every later job that names the
@@ -117,7 +122,8 @@ def train_prerequisites(cfg: DictConfig) -> None:
             summary_log.info(f"mimzoo: prerequisite {name}: reusing {run_dir}")
             continue
         resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
-        cmd = [sys.executable, "-m", "mimzoo.train", *stage.overrides, *resume, f"hydra.run.dir={run_dir}"]
+        overrides = [f"{key}={override_value(value)}" for key, value in stage.overrides.items()]
+        cmd = [sys.executable, "-m", "mimzoo.train", *overrides, *resume, f"hydra.run.dir={run_dir}"]
         summary_log.info(f"mimzoo: prerequisite {name}: training it first in {run_dir}")
         if subprocess.run(cmd).returncode != 0:
             raise UserError(f"prerequisite {name!r} failed to train: see {run_dir / 'train.log'}; fix it and rerun "

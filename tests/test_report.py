@@ -559,3 +559,13 @@ def test_untrained_floor_is_a_line_on_the_plot(tmp_path):
     assert result["x"] == "mask.ratio" and result["swept"] == ["compare", "mask.ratio"]
     assert result["series"] == ["untrained network (floor)", "ours"]
     assert "| floor | untrained | 0.75 |" in result["table"] and "untrained (trainer.max_steps=0)" in result["table"]
+
+
+def test_a_method_this_environment_cannot_import_is_still_reported(tmp_path):
+    """The report reads files: a run of a user's own method (its module not on the path here) is a point of the
+    sweep, while a run of a method without features (the dVAE) is a prerequisite stage."""
+    for name, target in (("0", "my_lab.methods.MyMIM"), ("1", "mimzoo.methods.dvae.DVAE")):
+        make_run(tmp_path, name, CONSTANT + [f"model={name}"], curve([0.3], [1.0], [1.0]), max_epochs=1,
+                 config={"model": {"_target_": target}})
+    notes = {row["run"]: row["note"] for row in report(tmp_path, metric="val/loss")["rows"]}
+    assert notes == {"0": "", "1": "prerequisite stage (no encoder to evaluate)"}

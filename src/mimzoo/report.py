@@ -23,7 +23,7 @@ from itertools import groupby
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mimzoo.offline_eval import has_encoder
 from mimzoo.rundir import atomic_write
@@ -112,7 +112,7 @@ def load_run(run_dir: Path, root: Path) -> Run:
     run.config = OmegaConf.load(config) if config.exists() else OmegaConf.create()
     run.cost = _read_json(run_dir / "cost.json")
     run.panel = newest_panel(run_dir)
-    run.stage = OmegaConf.select(run.config, "model._target_") is not None and not has_encoder(run.config)
+    run.stage = is_stage(run.config)
     offline = {f"eval/{p}_top1": _read_json(run_dir / "eval" / p / "results.json").get("top1") for p in PROTOCOLS}
     offline = {k: float(v) for k, v in offline.items() if v is not None}
     metrics = run_dir / "metrics.csv"
@@ -128,6 +128,17 @@ def load_run(run_dir: Path, root: Path) -> Run:
     run.last.update(offline)
     run.best.update(offline)
     return run
+
+
+def is_stage(config: DictConfig) -> bool:
+    """A prerequisite stage: a method without features (BEiT's dVAE). A method this environment cannot import (a
+    user's own module, not on the path here) is a point of the sweep: the report reads files, it runs no model."""
+    if OmegaConf.select(config, "model._target_") is None:
+        return False
+    try:
+        return not has_encoder(config)
+    except ImportError:
+        return False
 
 
 def _read_json(path: Path) -> dict:

@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import official  # noqa: E402  (benchmarks/official.py, beside this file)
 
+from mimzoo.callbacks.cost import dense_peak_flops  # noqa: E402
 from mimzoo.errors import ConfigError, user_errors  # noqa: E402
 from mimzoo.precision import configure_attention, resolve_precision  # noqa: E402
 from mimzoo.rundir import atomic_write  # noqa: E402
@@ -70,9 +71,6 @@ SIZES = {
         ibot=dict(encoder=_VIT_B16, head=dict(out_dim=8192, hidden_dim=2048, bottleneck_dim=256), local=(10, 96),
                   batch=64)),
 }
-# Dense peak TFLOP/s (bf16, fp32 without tensor cores), by a part of the CUDA device name; the first match wins.
-PEAK_TFLOPS = (("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0), ("H200", 989.0, 67.0), ("GH200", 989.0, 67.0),
-               ("A100", 312.0, 19.5))
 
 
 # --- variants -----------------------------------------------------------------------------------------------
@@ -314,11 +312,7 @@ def flops_of(step) -> float:
 def peak_flops(device: str, precision: str) -> float | None:
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    for part, bf16, fp32 in PEAK_TFLOPS:
-        if part in name:
-            return (bf16 if precision.startswith("bf16") else fp32) * 1e12
-    return None
+    return dense_peak_flops(torch.cuda.get_device_name(), precision)
 
 
 def device_stats(case: dict, ms: dict, device: str) -> dict:

@@ -11,7 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-PEAK = 989e12  # H100 / H200 SXM, dense bf16 FLOP/s
+from mimzoo.callbacks.cost import dense_peak_flops
+
+PEAK = dense_peak_flops("H100", "bf16-mixed")  # SXM, dense
 MFU = (0.4, 0.1)  # a well-fed large ViT reaches ~40%; a ViT-T on 32px images, small matmuls, far less
 
 

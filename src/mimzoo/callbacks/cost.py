@@ -28,6 +28,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
+# Dense peak TFLOP/s (bf16, fp32 without tensor cores) by a part of the CUDA device name, the first match winning:
+# what model-FLOP utilisation is measured against (``make bench``) and estimated with (experiments/full_length.py).
+PEAK_TFLOPS = (("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0), ("H200", 989.0, 67.0), ("GH200", 989.0, 67.0),
+               ("A100", 312.0, 19.5))
+
+
+def dense_peak_flops(device_name: str, precision: str) -> float | None:
+    """The device's dense peak FLOP/s at this precision (``bf16-mixed``, ``32-true``); None for a device not listed."""
+    for part, bf16, fp32 in PEAK_TFLOPS:
+        if part in device_name:
+            return (bf16 if precision.startswith("bf16") else fp32) * 1e12
+    return None
+
 from mimzoo.data import primary_view
 from mimzoo.rundir import atomic_write
 

@@ -28,6 +28,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
+from mimzoo.data import primary_view
+from mimzoo.rundir import atomic_write
+
 # Dense peak TFLOP/s (bf16, fp32 without tensor cores) by a part of the CUDA device name, the first match winning:
 # what model-FLOP utilisation is measured against (``make bench``) and estimated with (experiments/full_length.py).
 PEAK_TFLOPS = (("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0), ("H200", 989.0, 67.0), ("GH200", 989.0, 67.0),
@@ -40,9 +43,6 @@ def dense_peak_flops(device_name: str, precision: str) -> float | None:
         if part in device_name:
             return (bf16 if precision.startswith("bf16") else fp32) * 1e12
     return None
-
-from mimzoo.data import primary_view
-from mimzoo.rundir import atomic_write
 
 
 class RunCost(Callback):

@@ -41,7 +41,7 @@ def test_beit_tokenizer_is_a_prerequisite_that_follows_the_run():
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from mimzoo.train import override_value
+    from mimzoo.train import prerequisite_overrides
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=compare_cifar", "compare=beit", "data=cifar10_mini",
@@ -51,7 +51,7 @@ def test_beit_tokenizer_is_a_prerequisite_that_follows_the_run():
     raw = OmegaConf.to_container(cfg, resolve=False)
     assert raw["model"]["tokenizer"]["ckpt"] == "${prerequisites.tokenizer.run_dir}/checkpoints/last.ckpt"
     assert raw["prerequisites"]["tokenizer"]["run_dir"] == "${hydra:runtime.output_dir}/../tokenizer"
-    overrides = [f"{k}={override_value(v)}" for k, v in cfg.prerequisites.tokenizer.overrides.items()]
+    overrides = prerequisite_overrides(cfg.prerequisites.tokenizer)
     assert {"compare=dvae", "data=cifar10_mini", "trainer.max_epochs=3", "data.batch_size=128"} <= set(overrides)
     # Hydra reads the command line back to the same config: an unlimited budget stays null, not the string "None".
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):

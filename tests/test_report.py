@@ -470,7 +470,8 @@ def test_sweep_evaluated_reported_rendered_and_logged(evaluated_sweep, tmp_path)
     assert result["series"] == ["ours", "paper: MAE Table 1a, ViT-L/16, IN-1K, 800 ep"]
     costs = {d: json.loads((run / "cost.json").read_text()) for d, run in runs.items()}  # written by training
     for d in "12":
-        assert rows[d]["wall-clock (min)"] == pytest.approx(costs[int(d)]["wall_clock_s"] / 60) and rows[d]["epochs"] == 1
+        assert rows[d]["wall-clock (min)"] == pytest.approx(costs[int(d)]["wall_clock_s"] / 60)
+        assert rows[d]["epochs"] == 1
         assert rows[d]["GFLOPs/img (train step)"] == costs[int(d)]["gflops_per_image"] > 0
         assert rows[d]["images seen"] == 128 and rows[d]["params (M)"] == pytest.approx(costs[int(d)]["params"] / 1e6)
     # The page, rendered: the table's offline columns and both runs' panels, decoded.

@@ -106,9 +106,13 @@ def check_resume_checkpoint(ckpt_path: str | None) -> None:
         raise CheckpointError(f"cannot resume: {err}") from err
 
 
-def override_value(value) -> str:
-    """A resolved config value as Hydra's command line reads it back (``null``, ``true``), not as Python prints it."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+def prerequisite_overrides(stage: DictConfig) -> list[str]:
+    """A stage's ``overrides`` mapping as a command line, each resolved value written as Hydra reads it back
+    (``null``, ``true``), not as Python prints it (``None``, ``True``)."""
+    def value(v) -> str:
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [f"{key}={value(v)}" for key, v in stage.overrides.items()]
 
 
 def train_prerequisites(cfg: DictConfig) -> None:
@@ -122,8 +126,8 @@ def train_prerequisites(cfg: DictConfig) -> None:
             summary_log.info(f"mimzoo: prerequisite {name}: reusing {run_dir}")
             continue
         resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
-        overrides = [f"{key}={override_value(value)}" for key, value in stage.overrides.items()]
-        cmd = [sys.executable, "-m", "mimzoo.train", *overrides, *resume, f"hydra.run.dir={run_dir}"]
+        cmd = [sys.executable, "-m", "mimzoo.train", *prerequisite_overrides(stage), *resume,
+               f"hydra.run.dir={run_dir}"]
         summary_log.info(f"mimzoo: prerequisite {name}: training it first in {run_dir}")
         if subprocess.run(cmd).returncode != 0:
             raise UserError(f"prerequisite {name!r} failed to train: see {run_dir / 'train.log'}; fix it and rerun "

@@ -9,7 +9,7 @@ DEMO   ?= runs/demo
 DEMO_PROBE ?= data.batch_size=256 trainer.max_epochs=2 trainer.limit_train_batches=60 trainer.check_val_every_n_epoch=2 \
 	protocol.warmup_epochs=0.5 protocol.blr=10
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: install
 	@echo "demo done: checkpoint $(DEMO)/checkpoints/last.ckpt, metrics $(DEMO)/metrics.csv,"
 	@echo "           reconstructions $(DEMO)/reconstructions/, W&B offline run $(DEMO)/wandb/,"
 	@echo "           linear probe $(DEMO)/linear_probe/results.json"
+
+# ruff's lint and format check over the whole tree (rules in pyproject.toml); `ruff format .` fixes the layout.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Two tiers: the fast in-process tests first, so their failures show early, then the slow ones (marked
 # `slow`: end-to-end runs of the entry points in subprocesses, two-process DDP).

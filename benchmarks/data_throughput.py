@@ -45,10 +45,20 @@ def main() -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # iBOT's views at 32 px with patch 4 (what iBOT's train_views gives): local crops of 12 px
-    cases = {"mae": None, "ibot": {"local_number": args.local_number, "global_scale": (0.25, 1.0),
-                                   "local_scale": (0.05, 0.25), "local_size": 12, "blur": True}}
-    print(f"loader throughput, {args.data}, batch {args.batch}, {args.batches} batches x {args.rounds} rounds, "
-          f"torch threads {torch.get_num_threads()}; device path on {device}")
+    cases = {
+        "mae": None,
+        "ibot": {
+            "local_number": args.local_number,
+            "global_scale": (0.25, 1.0),
+            "local_scale": (0.05, 0.25),
+            "local_size": 12,
+            "blur": True,
+        },
+    }
+    print(
+        f"loader throughput, {args.data}, batch {args.batch}, {args.batches} batches x {args.rounds} rounds, "
+        f"torch threads {torch.get_num_threads()}; device path on {device}"
+    )
     print(f"{'views':<8}{'pil img/s':>12}{'device img/s':>15}{'device/pil':>12}")
     for name in args.views.split(","):
         loaders = {}
@@ -63,8 +73,10 @@ def main() -> None:
             rates["pil"].append(images_per_second(pil, args.batches, args.batch, sync))
             rates["device"].append(images_per_second(fast, args.batches, args.batch, sync))
         ratio = statistics.median(d / p for d, p in zip(rates["device"], rates["pil"]))
-        print(f"{name:<8}{statistics.median(rates['pil']):>12.0f}{statistics.median(rates['device']):>15.0f}"
-              f"{ratio:>11.2f}x")
+        print(
+            f"{name:<8}{statistics.median(rates['pil']):>12.0f}{statistics.median(rates['device']):>15.0f}"
+            f"{ratio:>11.2f}x"
+        )
 
 
 if __name__ == "__main__":

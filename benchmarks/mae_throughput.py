@@ -22,13 +22,31 @@ import torch
 from mimzoo.methods import MAE, ConvMAE
 
 CASES = {  # name: (method, encoder, decoder, image size, batch on CPU, batch on GPU)
-    "vit_tiny_32": (MAE, dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
-                    dict(dim=256, depth=4, num_heads=8), 32, 128, 1024),
-    "vit_small_224": (MAE, dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
-                      dict(dim=512, depth=8, num_heads=16), 224, 8, 256),
+    "vit_tiny_32": (
+        MAE,
+        dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
+        dict(dim=256, depth=4, num_heads=8),
+        32,
+        128,
+        1024,
+    ),
+    "vit_small_224": (
+        MAE,
+        dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+        dict(dim=512, depth=8, num_heads=16),
+        224,
+        8,
+        256,
+    ),
     # ConvMAE-CIFAR (src/mimzoo/conf/model/convmae_encoder/cifar.yaml) with experiment=convmae_cifar's decoder
-    "convmae_cifar_32": (ConvMAE, dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[64, 128, 256], depth=[2, 2, 8],
-                                       num_heads=4), dict(dim=256, depth=4, num_heads=8), 32, 128, 1024),
+    "convmae_cifar_32": (
+        ConvMAE,
+        dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[64, 128, 256], depth=[2, 2, 8], num_heads=4),
+        dict(dim=256, depth=4, num_heads=8),
+        32,
+        128,
+        1024,
+    ),
 }
 
 
@@ -83,11 +101,21 @@ def run_case(case: str, mode: str, device: str, steps: int, warmup: int) -> dict
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return dict(case=case, mode=mode, device=device, batch=batch, precision="bf16" if device == "cuda" else "fp32",
-                img_per_s=batch * steps / seconds, peak_mib=peak / 2**20,
-                device_name=torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()}")
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return dict(
+        case=case,
+        mode=mode,
+        device=device,
+        batch=batch,
+        precision="bf16" if device == "cuda" else "fp32",
+        img_per_s=batch * steps / seconds,
+        peak_mib=peak / 2**20,
+        device_name=torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()}",
+    )
 
 
 def main():
@@ -108,24 +136,41 @@ def main():
     for device in devices:
         for case in CASES:
             for mode in MODES:
-                cmd = [sys.executable, __file__, "--case", case, "--mode", mode, "--device", device,
-                       "--warmup", str(args.warmup)] + (["--steps", str(args.steps)] if args.steps else [])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    case,
+                    "--mode",
+                    mode,
+                    "--device",
+                    device,
+                    "--warmup",
+                    str(args.warmup),
+                ] + (["--steps", str(args.steps)] if args.steps else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 r = rows[-1]
-                print(f"  {device:4s} {case:14s} {mode:18s} {r['img_per_s']:9.1f} img/s  {r['peak_mib']:8.0f} MiB",
-                      flush=True)
-    print("\n| device | case | batch | precision | step, mask 0.75 | step, all tokens | speed-up "
-          "| encoder only, 0.75 / all tokens | encoder speed-up | peak MiB (0.75 / all) |")
+                print(
+                    f"  {device:4s} {case:14s} {mode:18s} {r['img_per_s']:9.1f} img/s  {r['peak_mib']:8.0f} MiB",
+                    flush=True,
+                )
+    print(
+        "\n| device | case | batch | precision | step, mask 0.75 | step, all tokens | speed-up "
+        "| encoder only, 0.75 / all tokens | encoder speed-up | peak MiB (0.75 / all) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for device in devices:
         for case in CASES:
-            m, a, em, ea = (next(r for r in rows if (r["device"], r["case"], r["mode"]) == (device, case, mode))
-                            for mode in MODES)
-            print(f"| {m['device_name']} | {case} | {m['batch']} | {m['precision']} | {m['img_per_s']:.1f} img/s | "
-                  f"{a['img_per_s']:.1f} img/s | {m['img_per_s'] / a['img_per_s']:.2f}x | "
-                  f"{em['img_per_s']:.1f} / {ea['img_per_s']:.1f} img/s | {em['img_per_s'] / ea['img_per_s']:.2f}x | "
-                  f"{m['peak_mib']:.0f} / {a['peak_mib']:.0f} |")
+            m, a, em, ea = (
+                next(r for r in rows if (r["device"], r["case"], r["mode"]) == (device, case, mode)) for mode in MODES
+            )
+            print(
+                f"| {m['device_name']} | {case} | {m['batch']} | {m['precision']} | {m['img_per_s']:.1f} img/s | "
+                f"{a['img_per_s']:.1f} img/s | {m['img_per_s'] / a['img_per_s']:.2f}x | "
+                f"{em['img_per_s']:.1f} / {ea['img_per_s']:.1f} img/s | {em['img_per_s'] / ea['img_per_s']:.2f}x | "
+                f"{m['peak_mib']:.0f} / {a['peak_mib']:.0f} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -48,11 +48,13 @@ def _quirks():
 
     had_float, block = hasattr(np, "float"), tvt.Block
     if "qk_scale" not in inspect.signature(block.__init__).parameters:
+
         class Block(block):  # the same block; qk_scale=None was timm 0.3's default scale
             def __init__(self, *args, qk_scale=None, **kwargs):
                 if qk_scale is not None:
                     raise ConfigError("this timm Block has no qk_scale; the official code asks for a custom one")
                 super().__init__(*args, **kwargs)
+
         tvt.Block = Block
     if not had_float:
         np.float = float  # removed in NumPy 1.24; util/pos_embed.py still names it
@@ -72,16 +74,20 @@ def checkout(path: str | Path, source: str, modules: list[str]) -> dict:
     ``sys.modules`` afterwards, so two checkouts with a ``util`` package each do not see each other's."""
     root = Path(path).expanduser().resolve()
     if not (root / (modules[0].replace(".", "/") + ".py")).is_file():
-        raise ConfigError(f"{root} is not a checkout of {source} (no {modules[0].replace('.', '/')}.py); pass the "
-                          f"folder of `git clone https://github.com/{source}`")
+        raise ConfigError(
+            f"{root} is not a checkout of {source} (no {modules[0].replace('.', '/')}.py); pass the "
+            f"folder of `git clone https://github.com/{source}`"
+        )
     before = set(sys.modules)
     sys.path.insert(0, str(root))
     try:
         with _quirks():
             return {name: importlib.import_module(name) for name in modules}
     except ImportError as err:
-        raise ConfigError(f"importing {source} from {root} failed ({err}); install what it names, or drop the "
-                          "--official-* option to time the re-statement in tests/") from err
+        raise ConfigError(
+            f"importing {source} from {root} failed ({err}); install what it names, or drop the "
+            "--official-* option to time the re-statement in tests/"
+        ) from err
     finally:
         sys.path.remove(str(root))
         for name in set(sys.modules) - before:
@@ -113,27 +119,45 @@ def mae_module(path, enc: dict, dec: dict) -> nn.Module:
     models_mae = checkout(path, SOURCES["mae"], ["models_mae"])["models_mae"]
     with _quirks():  # np.float is read when the sin-cos table is built
         return models_mae.MaskedAutoencoderViT(
-            img_size=enc["img_size"], patch_size=enc["patch_size"], embed_dim=enc["embed_dim"], depth=enc["depth"],
-            num_heads=enc["num_heads"], decoder_embed_dim=dec["dim"], decoder_depth=dec["depth"],
-            decoder_num_heads=dec["num_heads"], mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            norm_pix_loss=True)
+            img_size=enc["img_size"],
+            patch_size=enc["patch_size"],
+            embed_dim=enc["embed_dim"],
+            depth=enc["depth"],
+            num_heads=enc["num_heads"],
+            decoder_embed_dim=dec["dim"],
+            decoder_depth=dec["depth"],
+            decoder_num_heads=dec["num_heads"],
+            mlp_ratio=4.0,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            norm_pix_loss=True,
+        )
 
 
 def convmae_module(path, enc: dict, dec: dict) -> nn.Module:
     """Alpha-VL/ConvMAE ``MaskedAutoencoderConvViT``; its forward is written for 224 px and patches [4, 2, 2]."""
     if enc["img_size"] != 224 or list(enc["patch_size"]) != [4, 2, 2]:
-        raise ConfigError(f"the official ConvMAE forward hard-codes a 224 px image with patch sizes [4, 2, 2] (its "
-                          f"14/56/28 grids and patchify's p=16), but this case is {enc['img_size']} px with "
-                          f"{enc['patch_size']}; use --size gpu, or drop --official-convmae to time the re-statement")
+        raise ConfigError(
+            f"the official ConvMAE forward hard-codes a 224 px image with patch sizes [4, 2, 2] (its "
+            f"14/56/28 grids and patchify's p=16), but this case is {enc['img_size']} px with "
+            f"{enc['patch_size']}; use --size gpu, or drop --official-convmae to time the re-statement"
+        )
     mods = checkout(path, SOURCES["convmae"], ["models_convmae"])
     p1, p2, _ = enc["patch_size"]
     s = enc["img_size"]
     with _quirks():
         return mods["models_convmae"].MaskedAutoencoderConvViT(
-            img_size=[s, s // p1, s // (p1 * p2)], patch_size=list(enc["patch_size"]), embed_dim=list(enc["embed_dim"]),
-            depth=list(enc["depth"]), num_heads=enc["num_heads"], decoder_embed_dim=dec["dim"],
-            decoder_depth=dec["depth"], decoder_num_heads=dec["num_heads"], mlp_ratio=[4.0, 4.0, 4.0],
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True)
+            img_size=[s, s // p1, s // (p1 * p2)],
+            patch_size=list(enc["patch_size"]),
+            embed_dim=list(enc["embed_dim"]),
+            depth=list(enc["depth"]),
+            num_heads=enc["num_heads"],
+            decoder_embed_dim=dec["dim"],
+            decoder_depth=dec["depth"],
+            decoder_num_heads=dec["num_heads"],
+            mlp_ratio=[4.0, 4.0, 4.0],
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            norm_pix_loss=True,
+        )
 
 
 class Restated(nn.Module):
@@ -169,7 +193,7 @@ class RestatedMAE(Restated):
 
     def forward(self, images, mask_ratio=0.75, noise=None):
         if noise is None:
-            noise = torch.rand(images.shape[0], self.grid ** 2, device=images.device)
+            noise = torch.rand(images.shape[0], self.grid**2, device=images.device)
         with torch.device(images.device):  # the re-statement makes its mask with torch.ones(b, n)
             return reference(self.ref).forward(self.sd(), images, noise, self.heads, self.dec_heads, True, mask_ratio)
 
@@ -222,6 +246,7 @@ def _restated_forward(ref, heads):
             _, student_out = ref.multi_crop_wrapper(s, crops[:2], heads, mask=masks[:2], masked_im_modeling=True)
             local = ref.multi_crop_wrapper(s, crops[2:], heads)[1][0] if len(crops) > 2 else None
         return student_out, teacher_out, local
+
     return forward
 
 
@@ -241,13 +266,22 @@ def ibot_official(path, ckpt: dict, heads: int, device: str) -> tuple[IBOTStep, 
     a checkout at ``path`` or from ``tests/reference_ibot.py``; returns it and the checkpoint it trains."""
     args = ckpt["args"]
     same_dim = args.shared_head or args.shared_head_teacher
-    loss_kwargs = dict(out_dim=args.out_dim, patch_out_dim=args.out_dim if same_dim else args.patch_out_dim,
-                       ngcrops=args.global_crops_number, nlcrops=args.local_crops_number,
-                       warmup_teacher_temp=args.warmup_teacher_temp, teacher_temp=args.teacher_temp,
-                       warmup_teacher_temp2=args.warmup_teacher_patch_temp, teacher_temp2=args.teacher_patch_temp,
-                       warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs, nepochs=args.epochs,
-                       lambda1=args.lambda1, lambda2=args.lambda2, mim_start_epoch=args.pred_start_epoch)
-    student_sd = {k[len("module."):]: v for k, v in ckpt["student"].items()}
+    loss_kwargs = dict(
+        out_dim=args.out_dim,
+        patch_out_dim=args.out_dim if same_dim else args.patch_out_dim,
+        ngcrops=args.global_crops_number,
+        nlcrops=args.local_crops_number,
+        warmup_teacher_temp=args.warmup_teacher_temp,
+        teacher_temp=args.teacher_temp,
+        warmup_teacher_temp2=args.warmup_teacher_patch_temp,
+        teacher_temp2=args.teacher_patch_temp,
+        warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+        nepochs=args.epochs,
+        lambda1=args.lambda1,
+        lambda2=args.lambda2,
+        mim_start_epoch=args.pred_start_epoch,
+    )
+    student_sd = {k[len("module.") :]: v for k, v in ckpt["student"].items()}
     centers = ckpt["ibot_loss"]
     if path is None:
         ref = reference("reference_ibot")
@@ -261,24 +295,44 @@ def ibot_official(path, ckpt: dict, heads: int, device: str) -> tuple[IBOTStep, 
         mods = checkout(path, SOURCES["ibot"], ["models.vision_transformer", "models.head", "utils"])
         vit, head, utils = mods["models.vision_transformer"], mods["models.head"], mods["utils"]
         one_process_group(device)
-        loss_cls = class_from_source(Path(path).expanduser() / "main_ibot.py", "iBOTLoss",
-                                     dict(torch=torch, nn=nn, F=F, np=np, dist=torch.distributed))
+        loss_cls = class_from_source(
+            Path(path).expanduser() / "main_ibot.py",
+            "iBOTLoss",
+            dict(torch=torch, nn=nn, F=F, np=np, dist=torch.distributed),
+        )
 
         def build(masked: bool, shared: bool):
             d = ckpt["teacher"]["backbone.pos_embed"].shape[-1]
             p = ckpt["teacher"]["backbone.patch_embed.proj.weight"].shape[-1]
             n = ckpt["teacher"]["backbone.pos_embed"].shape[1] - 1
             depth = 1 + max(int(k.split(".")[2]) for k in ckpt["teacher"] if k.startswith("backbone.blocks."))
-            backbone = vit.VisionTransformer(img_size=[int(round(n ** 0.5)) * p], patch_size=p, embed_dim=d,
-                                             depth=depth, num_heads=heads, qkv_bias=True,
-                                             drop_path_rate=args.drop_path if masked else 0.0,
-                                             return_all_tokens=True, masked_im_modeling=masked)
+            backbone = vit.VisionTransformer(
+                img_size=[int(round(n**0.5)) * p],
+                patch_size=p,
+                embed_dim=d,
+                depth=depth,
+                num_heads=heads,
+                qkv_bias=True,
+                drop_path_rate=args.drop_path if masked else 0.0,
+                return_all_tokens=True,
+                masked_im_modeling=masked,
+            )
             w = ckpt["teacher"]["head.mlp.0.weight"]
             bottleneck = ckpt["teacher"]["head.last_layer.weight_v"].shape[1]
-            return utils.MultiCropWrapper(backbone, head.iBOTHead(
-                d, args.out_dim, patch_out_dim=loss_kwargs["patch_out_dim"], norm=args.norm_in_head,
-                act=args.act_in_head, hidden_dim=w.shape[0], bottleneck_dim=bottleneck,
-                norm_last_layer=args.norm_last_layer, shared_head=shared))
+            return utils.MultiCropWrapper(
+                backbone,
+                head.iBOTHead(
+                    d,
+                    args.out_dim,
+                    patch_out_dim=loss_kwargs["patch_out_dim"],
+                    norm=args.norm_in_head,
+                    act=args.act_in_head,
+                    hidden_dim=w.shape[0],
+                    bottleneck_dim=bottleneck,
+                    norm_last_layer=args.norm_last_layer,
+                    shared_head=shared,
+                ),
+            )
 
         with _quirks():
             student, teacher = build(True, args.shared_head), build(False, args.shared_head_teacher)

@@ -37,7 +37,6 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import official  # noqa: E402  (benchmarks/official.py, beside this file)
-
 from mimzoo.callbacks.cost import dense_peak_flops  # noqa: E402
 from mimzoo.errors import ConfigError, user_errors  # noqa: E402
 from mimzoo.precision import configure_attention, resolve_precision  # noqa: E402
@@ -55,21 +54,35 @@ _TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 SIZES = {
     "toy": dict(
         mae=dict(encoder=_TINY, decoder=dict(dim=32, depth=1, num_heads=2), batch=4),
-        convmae=dict(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2],
-                                  num_heads=2), decoder=dict(dim=32, depth=1, num_heads=2), batch=4),
-        ibot=dict(encoder=_TINY, head=dict(out_dim=64, hidden_dim=32, bottleneck_dim=16), local=(2, 16), batch=4)),
+        convmae=dict(
+            encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2], num_heads=2),
+            decoder=dict(dim=32, depth=1, num_heads=2),
+            batch=4,
+        ),
+        ibot=dict(encoder=_TINY, head=dict(out_dim=64, hidden_dim=32, bottleneck_dim=16), local=(2, 16), batch=4),
+    ),
     "cpu": dict(
         mae=dict(encoder=_VIT_T4, decoder=dict(dim=256, depth=4, num_heads=8), batch=64),
-        convmae=dict(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[64, 128, 256], depth=[2, 2, 8],
-                                  num_heads=4), decoder=dict(dim=256, depth=4, num_heads=8), batch=64),
-        ibot=dict(encoder=_VIT_T4, head=dict(out_dim=8192, hidden_dim=2048, bottleneck_dim=256), local=(2, 12),
-                  batch=32)),
+        convmae=dict(
+            encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[64, 128, 256], depth=[2, 2, 8], num_heads=4),
+            decoder=dict(dim=256, depth=4, num_heads=8),
+            batch=64,
+        ),
+        ibot=dict(
+            encoder=_VIT_T4, head=dict(out_dim=8192, hidden_dim=2048, bottleneck_dim=256), local=(2, 12), batch=32
+        ),
+    ),
     "gpu": dict(
         mae=dict(encoder=_VIT_B16, decoder=dict(dim=512, depth=8, num_heads=16), batch=128),
-        convmae=dict(encoder=dict(img_size=224, patch_size=[4, 2, 2], embed_dim=[256, 384, 768], depth=[2, 2, 11],
-                                  num_heads=12), decoder=dict(dim=512, depth=8, num_heads=16), batch=128),
-        ibot=dict(encoder=_VIT_B16, head=dict(out_dim=8192, hidden_dim=2048, bottleneck_dim=256), local=(10, 96),
-                  batch=64)),
+        convmae=dict(
+            encoder=dict(img_size=224, patch_size=[4, 2, 2], embed_dim=[256, 384, 768], depth=[2, 2, 11], num_heads=12),
+            decoder=dict(dim=512, depth=8, num_heads=16),
+            batch=128,
+        ),
+        ibot=dict(
+            encoder=_VIT_B16, head=dict(out_dim=8192, hidden_dim=2048, bottleneck_dim=256), local=(10, 96), batch=64
+        ),
+    ),
 }
 
 
@@ -133,10 +146,18 @@ def mae_like(method: str, size: dict, device: str, checkout: str | None) -> dict
         to_official = (mae_ckpt if method == "mae" else convmae_ckpt)._official_name
         state = {to_official(k): v for k, v in ours.state_dict().items()}
         grid = ours.grid_size[0]
-        theirs = official.RestatedMAE(state, f"reference_{method}", enc["num_heads"],
-                                      dec["num_heads"], grid)
-    model = load_official(method, {"model": state}, encoder={"num_heads": enc["num_heads"]},
-                          decoder={"num_heads": dec["num_heads"]}, norm_pix_loss=True).to(device).train()
+        theirs = official.RestatedMAE(state, f"reference_{method}", enc["num_heads"], dec["num_heads"], grid)
+    model = (
+        load_official(
+            method,
+            {"model": state},
+            encoder={"num_heads": enc["num_heads"]},
+            decoder={"num_heads": dec["num_heads"]},
+            norm_pix_loss=True,
+        )
+        .to(device)
+        .train()
+    )
     theirs = theirs.to(device).train()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g).to(device)
@@ -158,13 +179,18 @@ def mae_like(method: str, size: dict, device: str, checkout: str | None) -> dict
         steps[name] = official_mae_step(m, adamw(module_groups(m)), x, device, precision)
     for name, (m, precision) in mine.items():
         steps[name] = mimzoo_step(m, adamw(m.param_groups(0.05)), lambda: (x,), device, precision)
-    return dict(steps=steps, check=check, batch=batch, mask=repr(model.mask_strategy),
-                precisions={"official_fp32": "32-true", "official_bf16": "bf16-mixed",
-                            **{n: p for n, (_, p) in mine.items()}})
+    return dict(
+        steps=steps,
+        check=check,
+        batch=batch,
+        mask=repr(model.mask_strategy),
+        precisions={"official_fp32": "32-true", "official_bf16": "bf16-mixed", **{n: p for n, (_, p) in mine.items()}},
+    )
 
 
 def official_mae_step(model, opt, x, device, precision):
     """``engine_pretrain.train_one_epoch``: forward, ``loss.item()`` and its finiteness check, backward, step."""
+
     def step():
         with autocast(device, precision):
             loss, _, _ = model(x, mask_ratio=0.75)
@@ -174,12 +200,14 @@ def official_mae_step(model, opt, x, device, precision):
         loss.backward()
         opt.step()
         return loss.detach()
+
     return step
 
 
 def mimzoo_step(model, opt, inputs, device, precision, after_backward=None, after_step=None):
     """What Lightning runs per batch: the method's forward (its own mask draws) under the precision's autocast,
     backward, the method's gradient clipping hook, the optimiser step, the method's after-step (EMA) update."""
+
     def step():
         with autocast(device, precision):
             loss = model(*inputs()).loss
@@ -191,6 +219,7 @@ def mimzoo_step(model, opt, inputs, device, precision, after_backward=None, afte
         if after_step:
             after_step()
         return loss.detach()
+
     return step
 
 
@@ -199,11 +228,22 @@ def ibot(size: dict, device: str, checkout: str | None) -> dict:
     ref = official.reference("reference_ibot")
     enc, head, batch = size["encoder"], size["head"], size["batch"]
     (n_local, local_size), p = size["local"], enc["patch_size"]
-    args = ref.official_args(arch="vit", patch_size=p, out_dim=head["out_dim"], patch_out_dim=head["out_dim"],
-                             shared_head=True, shared_head_teacher=True, norm_last_layer=False, teacher_temp=0.07,
-                             local_crops_number=n_local, freeze_last_layer=0, epochs=100)
-    ckpt = ref.official_checkpoint(args, enc["img_size"], enc["embed_dim"], enc["depth"], head["hidden_dim"],
-                                   head["bottleneck_dim"], epoch=40)  # past the temperature warm-up
+    args = ref.official_args(
+        arch="vit",
+        patch_size=p,
+        out_dim=head["out_dim"],
+        patch_out_dim=head["out_dim"],
+        shared_head=True,
+        shared_head_teacher=True,
+        norm_last_layer=False,
+        teacher_temp=0.07,
+        local_crops_number=n_local,
+        freeze_last_layer=0,
+        epochs=100,
+    )
+    ckpt = ref.official_checkpoint(
+        args, enc["img_size"], enc["embed_dim"], enc["depth"], head["hidden_dim"], head["bottleneck_dim"], epoch=40
+    )  # past the temperature warm-up
     theirs = official.ibot_official(checkout, ckpt, enc["num_heads"], device)
     # the mask model=ibot trains with (a model from mimzoo.load_official has MAE's random 75% otherwise)
     mask = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "mask" / "ibot.yaml"))
@@ -238,16 +278,25 @@ def ibot(size: dict, device: str, checkout: str | None) -> dict:
     for name, precision in (("official_fp32", "32-true"), ("official_bf16", "bf16-mixed")):
         t = theirs if name == "official_fp32" else copy.deepcopy(theirs)
         opt = adamw(module_groups(t.student), lr=5e-4)
-        steps[name] = (lambda t=t, opt=opt, precision=precision:
-                       t.step(opt, crops, masks, autocast(device, precision)))
+        steps[name] = lambda t=t, opt=opt, precision=precision: t.step(opt, crops, masks, autocast(device, precision))
     for name, (m, precision) in mine.items():
         opt = adamw(m.param_groups(0.04), lr=5e-4)
-        steps[name] = mimzoo_step(m, opt, lambda: (crops, flat), device, precision,
-                                  after_backward=lambda m=m, opt=opt: m.configure_gradient_clipping(opt),
-                                  after_step=lambda m=m: m.update_teacher(0.996))
-    return dict(steps=steps, check=check, batch=batch, mask=repr(model.mask_strategy),
-                precisions={"official_fp32": "32-true", "official_bf16": "bf16-mixed",
-                            **{n: p for n, (_, p) in mine.items()}})
+        steps[name] = mimzoo_step(
+            m,
+            opt,
+            lambda: (crops, flat),
+            device,
+            precision,
+            after_backward=lambda m=m, opt=opt: m.configure_gradient_clipping(opt),
+            after_step=lambda m=m: m.update_teacher(0.996),
+        )
+    return dict(
+        steps=steps,
+        check=check,
+        batch=batch,
+        mask=repr(model.mask_strategy),
+        precisions={"official_fp32": "32-true", "official_bf16": "bf16-mixed", **{n: p for n, (_, p) in mine.items()}},
+    )
 
 
 def sgmae(size: dict, device: str) -> dict:
@@ -268,13 +317,13 @@ def sgmae(size: dict, device: str) -> dict:
             key = f"{name}_{variant.split('_', 1)[1]}"
             steps[key] = mimzoo_step(m, adamw(m.param_groups(0.05)), lambda: (x,), device, precision)
             precisions[key] = precision
-    return dict(steps=steps, check={}, batch=batch, precisions=precisions,
-                mask=repr(sg.informed_strategy))
+    return dict(steps=steps, check={}, batch=batch, precisions=precisions, mask=repr(sg.informed_strategy))
 
 
 # --- timing -------------------------------------------------------------------------------------------------
 def alternate(steps: dict, rounds: int, warmup: int, device: str) -> dict[str, list[float]]:
     """Seconds per step of each variant, ``rounds`` rounds of one step each, the order rotated every round."""
+
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
@@ -285,7 +334,7 @@ def alternate(steps: dict, rounds: int, warmup: int, device: str) -> dict[str, l
             steps[name]()
     times = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             sync()
             start = time.perf_counter()
             steps[name]()
@@ -324,8 +373,11 @@ def device_stats(case: dict, ms: dict, device: str) -> dict:
     for name in case["steps"]:
         peak = peak_flops(device, case["precisions"][name])
         mfu[name] = None if peak is None else flops[name.rsplit("_", 1)[0]] / (ms[name] / 1e3) / peak
-    return {"img_per_s": {n: case["batch"] / (t / 1e3) for n, t in ms.items()}, "mfu": mfu,
-            "gflops_per_step": {impl: f / 1e9 for impl, f in flops.items()}}
+    return {
+        "img_per_s": {n: case["batch"] / (t / 1e3) for n, t in ms.items()},
+        "mfu": mfu,
+        "gflops_per_step": {impl: f / 1e9 for impl, f in flops.items()},
+    }
 
 
 def run_method(method: str, size: dict, device: str, checkouts: dict, rounds: int, warmup: int) -> dict:
@@ -336,17 +388,25 @@ def run_method(method: str, size: dict, device: str, checkouts: dict, rounds: in
     else:
         case = mae_like(method, size[method], device, checkouts.get(method))
     times = alternate(case["steps"], rounds, warmup, device)
-    result = {"batch": case["batch"], "mask": case["mask"], "precisions": case["precisions"], "check": case["check"],
-              "official": ("checkout " + official.SOURCES[method]) if checkouts.get(method) else
-              (f"tests/reference_{method}.py" if method != "sgmae" else None),
-              "ms": {n: 1e3 * statistics.median(t) for n, t in times.items()}}
+    result = {
+        "batch": case["batch"],
+        "mask": case["mask"],
+        "precisions": case["precisions"],
+        "check": case["check"],
+        "official": ("checkout " + official.SOURCES[method])
+        if checkouts.get(method)
+        else (f"tests/reference_{method}.py" if method != "sgmae" else None),
+        "ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
+    }
     if method == "sgmae":
         result["overhead"] = {p: ratio(times[f"sgmae_{p}"], times[f"mae_{p}"]) for p in ("fp32", "default")}
     else:
-        result["speedup"] = {"same_precision": ratio(times["official_fp32"], times["mimzoo_fp32"]),
-                             "default": ratio(times["official_fp32"], times["mimzoo_default"]),
-                             "official_bf16": ratio(times["official_fp32"], times["official_bf16"]),
-                             "default_vs_official_bf16": ratio(times["official_bf16"], times["mimzoo_default"])}
+        result["speedup"] = {
+            "same_precision": ratio(times["official_fp32"], times["mimzoo_fp32"]),
+            "default": ratio(times["official_fp32"], times["mimzoo_default"]),
+            "official_bf16": ratio(times["official_fp32"], times["official_bf16"]),
+            "default_vs_official_bf16": ratio(times["official_bf16"], times["mimzoo_default"]),
+        }
     if device == "cuda":
         result.update(device_stats(case, result["ms"], device))
     return result
@@ -359,19 +419,25 @@ def _r(r: dict) -> str:
 
 def markdown(report: dict) -> str:
     meta, res = report["meta"], report["results"]
-    lines = [f"Device: {meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; size `{meta['size']}`, "
-             f"{meta['rounds']} rounds; mimzoo default precision: {meta['default_precision']}.", "",
-             "| method | official | batch | official fp32 | official bf16 | mimzoo fp32 | mimzoo default | "
-             "speed-up, same precision | speed-up, default | official bf16 / fp32 | default vs official bf16 | "
-             "loss rel. diff fp32 / default |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads; size `{meta['size']}`, "
+        f"{meta['rounds']} rounds; mimzoo default precision: {meta['default_precision']}.",
+        "",
+        "| method | official | batch | official fp32 | official bf16 | mimzoo fp32 | mimzoo default | "
+        "speed-up, same precision | speed-up, default | official bf16 / fp32 | default vs official bf16 | "
+        "loss rel. diff fp32 / default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, r in res.items():
         if method == "sgmae":
             continue
         ms, s, c = r["ms"], r["speedup"], r["check"]
-        lines.append(f"| {method} | {r['official']} | {r['batch']} | " + " | ".join(f"{ms[v]:.0f} ms" for v in VARIANTS)
-                     + f" | {_r(s['same_precision'])} | {_r(s['default'])} | {_r(s['official_bf16'])} | "
-                     f"{_r(s['default_vs_official_bf16'])} | {c['rel_diff_fp32']:.1e} / {c['rel_diff_default']:.1e} |")
+        lines.append(
+            f"| {method} | {r['official']} | {r['batch']} | "
+            + " | ".join(f"{ms[v]:.0f} ms" for v in VARIANTS)
+            + f" | {_r(s['same_precision'])} | {_r(s['default'])} | {_r(s['official_bf16'])} | "
+            f"{_r(s['default_vs_official_bf16'])} | {c['rel_diff_fp32']:.1e} / {c['rel_diff_default']:.1e} |"
+        )
     if "sgmae" in res:
         o = res["sgmae"]["overhead"]
         lines += ["", f"SG-MAE (informed masks) step / MAE step: fp32 {_r(o['fp32'])}, default {_r(o['default'])}."]
@@ -393,8 +459,12 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6 on CPU, 30 on GPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     for method, source in official.SOURCES.items():
-        p.add_argument(f"--official-{method}", metavar="PATH", help=f"a checkout of {source} to time (default: "
-                       f"tests/reference_{method}.py, the re-statement of its forward)")
+        p.add_argument(
+            f"--official-{method}",
+            metavar="PATH",
+            help=f"a checkout of {source} to time (default: "
+            f"tests/reference_{method}.py, the re-statement of its forward)",
+        )
     p.add_argument("--json", help="write the results here (e.g. bench.json)")
     p.add_argument("--markdown", help="write the table here (e.g. bench.md)")
     args = p.parse_args(argv)
@@ -404,16 +474,26 @@ def main(argv=None) -> dict:
     size = args.size or ("gpu" if device == "cuda" else "cpu")
     rounds = args.rounds or (30 if device == "cuda" else 6)
     checkouts = {m: getattr(args, f"official_{m}") for m in official.SOURCES if getattr(args, f"official_{m}")}
-    meta = dict(device=device, size=size, rounds=rounds, warmup=args.warmup, torch=torch.__version__,
-                threads=torch.get_num_threads(), default_precision=default_precision(device),
-                device_name=torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
-                command="python benchmarks/side_by_side.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    meta = dict(
+        device=device,
+        size=size,
+        rounds=rounds,
+        warmup=args.warmup,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        default_precision=default_precision(device),
+        device_name=torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        command="python benchmarks/side_by_side.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     report = {"meta": meta, "results": {}}
     for method in args.methods:
         start = time.perf_counter()
         report["results"][method] = r = run_method(method, SIZES[size], device, checkouts, rounds, args.warmup)
-        summary = (f"overhead {_r(r['overhead']['default'])}" if method == "sgmae" else
-                   f"same precision {_r(r['speedup']['same_precision'])}, default {_r(r['speedup']['default'])}")
+        summary = (
+            f"overhead {_r(r['overhead']['default'])}"
+            if method == "sgmae"
+            else f"same precision {_r(r['speedup']['same_precision'])}, default {_r(r['speedup']['default'])}"
+        )
         print(f"{method}: {summary} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     table = markdown(report)
     print(table)

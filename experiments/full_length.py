@@ -25,12 +25,21 @@ def main() -> None:
     args = parser.parse_args()
     images = args.epochs * args.images
     runs = sorted(p.parent for p in Path(args.sweep).glob("*/cost.json"))
-    overrides = {run: dict(line.lstrip("- ").split("=", 1) for line in
-                           (run / ".hydra" / "overrides.yaml").read_text().splitlines()) for run in runs}
-    swept = {key for key in {k for o in overrides.values() for k in o}
-             if len({o[key] for o in overrides.values() if key in o}) > 1}
-    print(f"| run | setting | GFLOPs/img (train step) | PFLOPs for {args.epochs} epochs | "
-          f"H100 minutes of compute at {MFU[0]:.0%} / {MFU[1]:.0%} MFU |")
+    overrides = {
+        run: dict(
+            line.lstrip("- ").split("=", 1) for line in (run / ".hydra" / "overrides.yaml").read_text().splitlines()
+        )
+        for run in runs
+    }
+    swept = {
+        key
+        for key in {k for o in overrides.values() for k in o}
+        if len({o[key] for o in overrides.values() if key in o}) > 1
+    }
+    print(
+        f"| run | setting | GFLOPs/img (train step) | PFLOPs for {args.epochs} epochs | "
+        f"H100 minutes of compute at {MFU[0]:.0%} / {MFU[1]:.0%} MFU |"
+    )
     print("|---|---|---|---|---|")
     for run in runs:
         cost = json.loads((run / "cost.json").read_text())
@@ -39,8 +48,10 @@ def main() -> None:
         setting = ", ".join(f"{k}={v}" for k, v in overrides[run].items() if k in swept) or run.name
         flops = cost["gflops_per_image"] * 1e9 * images
         minutes = [flops / (PEAK * u) / 60 for u in MFU]
-        print(f"| {run.name} | {setting} | {cost['gflops_per_image']:.3f} | {flops / 1e15:,.1f} | "
-              f"{minutes[0]:.1f} - {minutes[1]:.1f} |")
+        print(
+            f"| {run.name} | {setting} | {cost['gflops_per_image']:.3f} | {flops / 1e15:,.1f} | "
+            f"{minutes[0]:.1f} - {minutes[1]:.1f} |"
+        )
 
 
 if __name__ == "__main__":

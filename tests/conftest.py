@@ -23,8 +23,11 @@ def _write_synthetic_cifar10_mini(root: Path) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, n in (("data_batch_1", 512), ("test_batch", 256)):
-        batch = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n).tolist(),
-                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
 
@@ -34,7 +37,7 @@ if not (Path(os.environ["MIMZOO_DATA"]) / "cifar10-mini" / "cifar-10-batches-py"
     _write_synthetic_cifar10_mini(_synthetic)
     os.environ["MIMZOO_DATA"] = str(_synthetic)
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the slow tier runs on 2 pytest processes: one thread each,
-    os.environ["OMP_NUM_THREADS"] = "1"     # the runs they launch included, so 2 cores are not oversubscribed
+    os.environ["OMP_NUM_THREADS"] = "1"  # the runs they launch included, so 2 cores are not oversubscribed
     import torch
 
     torch.set_num_threads(1)
@@ -43,16 +46,31 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 # A model small enough for 2 CPU cores: width 32, depth 2, 32x32 images, patch 4 (8x8 grid).
 TINY = [
-    "data=cifar10_mini", "model/encoder=test", "model.decoder.dim=32", "model.decoder.depth=1",
-    "model.decoder.num_heads=2", "data.batch_size=64", "data.num_workers=0", "trainer.enable_progress_bar=false",
+    "data=cifar10_mini",
+    "model/encoder=test",
+    "model.decoder.dim=32",
+    "model.decoder.depth=1",
+    "model.decoder.num_heads=2",
+    "data.batch_size=64",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
     "probe.knn.max_bank=512",
 ]
 
 # The same for iBOT: a 64-prototype head, two 12px local crops, no blur on 32px images.
 TINY_IBOT = [
-    "model=ibot", "data=cifar10_mini", "model/encoder=test", "model.head.out_dim=64", "model.head.hidden_dim=32",
-    "model.head.bottleneck_dim=16", "model.views.local_number=2", "model.views.blur=false", "data.batch_size=32",
-    "data.num_workers=0", "trainer.enable_progress_bar=false", "probe.knn.max_bank=256",
+    "model=ibot",
+    "data=cifar10_mini",
+    "model/encoder=test",
+    "model.head.out_dim=64",
+    "model.head.hidden_dim=32",
+    "model.head.bottleneck_dim=16",
+    "model.views.local_number=2",
+    "model.views.blur=false",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
+    "probe.knn.max_bank=256",
 ]
 
 TINY_MAE = dict(
@@ -73,12 +91,15 @@ def run_cli(module: str, *args: str, expect_ok: bool = True, timeout: float = 60
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout ---\n{out[-3000:]}\n"
-                    f"--- stderr ---\n{err[-5000:]}")
+        pytest.fail(
+            f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-5000:]}"
+        )
     if (proc.returncode == 0) != expect_ok:
         expected = "0" if expect_ok else "non-zero"
-        pytest.fail(f"exit status {proc.returncode} (expected {expected}): {' '.join(cmd)}\n"
-                    f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
+        pytest.fail(
+            f"exit status {proc.returncode} (expected {expected}): {' '.join(cmd)}\n"
+            f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

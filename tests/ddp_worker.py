@@ -14,7 +14,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from mimzoo.precision import apply_precision
-
 from mimzoo.train import CONFIG_DIR, build_datamodule, build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,20 +33,36 @@ class DumpRankState(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-        torch.save({"state": state, "initial": self.initial, "labels": self.first_labels, "world_size": trainer.world_size},
-                   self.out / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {"state": state, "initial": self.initial, "labels": self.first_labels, "world_size": trainer.world_size},
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
 
 
 def main(out: Path, preset: str, extra: list[str]):
-    overrides = [*(TINY_IBOT if preset == "ibot" else TINY), "trainer=ddp", "trainer.accelerator=cpu",
-                 "trainer.devices=2", "trainer.max_steps=3", "trainer.limit_val_batches=0", "logger=csv",
-                 "data.batch_size=16", *extra]
+    overrides = [
+        *(TINY_IBOT if preset == "ibot" else TINY),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=0",
+        "logger=csv",
+        "data.batch_size=16",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     L.seed_everything(cfg.seed, workers=True)
     model = build_model(cfg)
-    trainer = instantiate(cfg.trainer, precision=apply_precision(cfg.trainer, model), callbacks=[DumpRankState(out)],
-                          logger=False, enable_checkpointing=False, default_root_dir=str(out))
+    trainer = instantiate(
+        cfg.trainer,
+        precision=apply_precision(cfg.trainer, model),
+        callbacks=[DumpRankState(out)],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out),
+    )
     trainer.fit(model, datamodule=build_datamodule(cfg, model))
 
 

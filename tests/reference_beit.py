@@ -35,8 +35,15 @@ LN_EPS = 1e-6  # beit_*_8k_vocab: norm_layer=partial(nn.LayerNorm, eps=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- keys
-def official_keys(depth, *, use_abs_pos_emb=False, use_shared_rel_pos_bias=True, use_rel_pos_bias=False,
-                  init_values=0.1, qkv_bias=True):
+def official_keys(
+    depth,
+    *,
+    use_abs_pos_emb=False,
+    use_shared_rel_pos_bias=True,
+    use_rel_pos_bias=False,
+    init_values=0.1,
+    qkv_bias=True,
+):
     """Keys of ``VisionTransformerForMaskedImageModeling(...).state_dict()``, in its order: the module's own
     parameters (``cls_token``, ``mask_token``, ``pos_embed``), then its children as ``__init__`` registers
     them (``patch_embed``, ``rel_pos_bias``, ``blocks``, ``norm``, ``lm_head``); inside a block its own
@@ -60,9 +67,23 @@ def official_keys(depth, *, use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
     return keys + ["norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"]
 
 
-def official_state_dict(*, img_size, patch_size, embed_dim, depth, num_heads, vocab_size, mlp_ratio=4.0,
-                        in_chans=3, use_abs_pos_emb=False, use_shared_rel_pos_bias=True, use_rel_pos_bias=False,
-                        init_values=0.1, seed=0, scale=0.2):
+def official_state_dict(
+    *,
+    img_size,
+    patch_size,
+    embed_dim,
+    depth,
+    num_heads,
+    vocab_size,
+    mlp_ratio=4.0,
+    in_chans=3,
+    use_abs_pos_emb=False,
+    use_shared_rel_pos_bias=True,
+    use_rel_pos_bias=False,
+    init_values=0.1,
+    seed=0,
+    scale=0.2,
+):
     """A random ``state_dict()`` of ``VisionTransformerForMaskedImageModeling`` with these arguments: every
     key of :func:`official_keys` with the shape ``__init__`` gives it (random, tables and gammas included, so
     a wrong mapping shows), the index buffers as ``RelativePositionBias.__init__`` builds them."""
@@ -72,16 +93,41 @@ def official_state_dict(*, img_size, patch_size, embed_dim, depth, num_heads, vo
     num_rel = (2 * window[0] - 1) * (2 * window[1] - 1) + 3
     hidden = int(embed_dim * mlp_ratio)
     d = embed_dim
-    shapes = {"cls_token": (1, 1, d), "mask_token": (1, 1, d), "pos_embed": (1, num_patches + 1, d),
-              "patch_embed.proj.weight": (d, in_chans, patch_size, patch_size), "patch_embed.proj.bias": (d,),
-              "relative_position_bias_table": (num_rel, num_heads), "gamma_1": (d,), "gamma_2": (d,),
-              "norm1.weight": (d,), "norm1.bias": (d,), "q_bias": (d,), "v_bias": (d,), "qkv.weight": (3 * d, d),
-              "proj.weight": (d, d), "proj.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,),
-              "fc1.weight": (hidden, d), "fc1.bias": (hidden,), "fc2.weight": (d, hidden), "fc2.bias": (d,),
-              "norm.weight": (d,), "norm.bias": (d,), "lm_head.weight": (vocab_size, d), "lm_head.bias": (vocab_size,)}
+    shapes = {
+        "cls_token": (1, 1, d),
+        "mask_token": (1, 1, d),
+        "pos_embed": (1, num_patches + 1, d),
+        "patch_embed.proj.weight": (d, in_chans, patch_size, patch_size),
+        "patch_embed.proj.bias": (d,),
+        "relative_position_bias_table": (num_rel, num_heads),
+        "gamma_1": (d,),
+        "gamma_2": (d,),
+        "norm1.weight": (d,),
+        "norm1.bias": (d,),
+        "q_bias": (d,),
+        "v_bias": (d,),
+        "qkv.weight": (3 * d, d),
+        "proj.weight": (d, d),
+        "proj.bias": (d,),
+        "norm2.weight": (d,),
+        "norm2.bias": (d,),
+        "fc1.weight": (hidden, d),
+        "fc1.bias": (hidden,),
+        "fc2.weight": (d, hidden),
+        "fc2.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+        "lm_head.weight": (vocab_size, d),
+        "lm_head.bias": (vocab_size,),
+    }
     sd = OrderedDict()
-    for key in official_keys(depth, use_abs_pos_emb=use_abs_pos_emb, use_shared_rel_pos_bias=use_shared_rel_pos_bias,
-                             use_rel_pos_bias=use_rel_pos_bias, init_values=init_values):
+    for key in official_keys(
+        depth,
+        use_abs_pos_emb=use_abs_pos_emb,
+        use_shared_rel_pos_bias=use_shared_rel_pos_bias,
+        use_rel_pos_bias=use_rel_pos_bias,
+        init_values=init_values,
+    ):
         if key.endswith("relative_position_index"):
             sd[key] = relative_position_index(window)
             continue
@@ -94,17 +140,58 @@ def official_state_dict(*, img_size, patch_size, embed_dim, depth, num_heads, vo
 def official_args(**overrides):
     """The ``args`` namespace ``run_beit_pretraining.py`` saves (``get_args`` defaults; ``main`` adds
     ``window_size`` and ``patch_size`` as tuples), with ``overrides``."""
-    args = dict(batch_size=64, epochs=300, save_ckpt_freq=20, discrete_vae_weight_path="/data/dall_e_tokenizer_weight",
-                discrete_vae_type="dall-e", model="beit_base_patch16_224_8k_vocab", rel_pos_bias=True,
-                abs_pos_emb=False, layer_scale_init_value=0.1, num_mask_patches=75, max_mask_patches_per_block=None,
-                min_mask_patches_per_block=16, input_size=224, second_input_size=112, drop_path=0.1, opt="adamw",
-                opt_eps=1e-8, opt_betas=[0.9, 0.999], clip_grad=3.0, momentum=0.9, weight_decay=0.05,
-                weight_decay_end=0.05, lr=1.5e-3, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=10, warmup_steps=-1,
-                train_interpolation="bicubic", second_interpolation="lanczos", data_path="/data/imagenet/train",
-                imagenet_default_mean_and_std=False, output_dir="/out", log_dir="/out", device="cuda", seed=0,
-                resume="", auto_resume=True, start_epoch=0, num_workers=10, pin_mem=True, world_size=16,
-                local_rank=0, dist_on_itp=False, dist_url="env://", distributed=True, rank=0, gpu=0,
-                dist_backend="nccl", window_size=(14, 14), patch_size=(16, 16))
+    args = dict(
+        batch_size=64,
+        epochs=300,
+        save_ckpt_freq=20,
+        discrete_vae_weight_path="/data/dall_e_tokenizer_weight",
+        discrete_vae_type="dall-e",
+        model="beit_base_patch16_224_8k_vocab",
+        rel_pos_bias=True,
+        abs_pos_emb=False,
+        layer_scale_init_value=0.1,
+        num_mask_patches=75,
+        max_mask_patches_per_block=None,
+        min_mask_patches_per_block=16,
+        input_size=224,
+        second_input_size=112,
+        drop_path=0.1,
+        opt="adamw",
+        opt_eps=1e-8,
+        opt_betas=[0.9, 0.999],
+        clip_grad=3.0,
+        momentum=0.9,
+        weight_decay=0.05,
+        weight_decay_end=0.05,
+        lr=1.5e-3,
+        warmup_lr=1e-6,
+        min_lr=1e-5,
+        warmup_epochs=10,
+        warmup_steps=-1,
+        train_interpolation="bicubic",
+        second_interpolation="lanczos",
+        data_path="/data/imagenet/train",
+        imagenet_default_mean_and_std=False,
+        output_dir="/out",
+        log_dir="/out",
+        device="cuda",
+        seed=0,
+        resume="",
+        auto_resume=True,
+        start_epoch=0,
+        num_workers=10,
+        pin_mem=True,
+        world_size=16,
+        local_rank=0,
+        dist_on_itp=False,
+        dist_url="env://",
+        distributed=True,
+        rank=0,
+        gpu=0,
+        dist_backend="nccl",
+        window_size=(14, 14),
+        patch_size=(16, 16),
+    )
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -153,11 +240,12 @@ def attention(x, sd, name, num_heads, window_size, rel_pos_bias=None):
     qkv = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     head_dim = q.shape[-1]  # attn_head_dim is None: dim // num_heads
-    q = q * head_dim ** -0.5  # qk_scale is None
+    q = q * head_dim**-0.5  # qk_scale is None
     attn = q @ k.transpose(-2, -1)
     if f"{name}.relative_position_bias_table" in sd:  # window_size given: use_rel_pos_bias
-        own = relative_position_bias(sd[f"{name}.relative_position_bias_table"],
-                                     sd[f"{name}.relative_position_index"], window_size)
+        own = relative_position_bias(
+            sd[f"{name}.relative_position_bias_table"], sd[f"{name}.relative_position_index"], window_size
+        )
         attn = attn + own.unsqueeze(0)
     if rel_pos_bias is not None:
         attn = attn + rel_pos_bias
@@ -175,12 +263,14 @@ def mlp(x, sd, name):
 def block(x, sd, name, num_heads, window_size, rel_pos_bias=None, eps=LN_EPS):
     """``Block.forward(x, rel_pos_bias)``: with ``gamma_1`` None the plain residuals, else scaled ones."""
     if f"{name}.gamma_1" not in sd:
-        x = x + attention(_layer_norm(x, sd, f"{name}.norm1", eps), sd, f"{name}.attn", num_heads, window_size,
-                          rel_pos_bias)
+        x = x + attention(
+            _layer_norm(x, sd, f"{name}.norm1", eps), sd, f"{name}.attn", num_heads, window_size, rel_pos_bias
+        )
         x = x + mlp(_layer_norm(x, sd, f"{name}.norm2", eps), sd, f"{name}.mlp")
     else:
-        x = x + sd[f"{name}.gamma_1"] * attention(_layer_norm(x, sd, f"{name}.norm1", eps), sd, f"{name}.attn",
-                                                  num_heads, window_size, rel_pos_bias)
+        x = x + sd[f"{name}.gamma_1"] * attention(
+            _layer_norm(x, sd, f"{name}.norm1", eps), sd, f"{name}.attn", num_heads, window_size, rel_pos_bias
+        )
         x = x + sd[f"{name}.gamma_2"] * mlp(_layer_norm(x, sd, f"{name}.norm2", eps), sd, f"{name}.mlp")
     return x
 
@@ -206,8 +296,9 @@ def forward_features(sd, x, bool_masked_pos, *, num_heads, eps=LN_EPS):
 
     rel_pos_bias = None
     if "rel_pos_bias.relative_position_bias_table" in sd:
-        rel_pos_bias = relative_position_bias(sd["rel_pos_bias.relative_position_bias_table"],
-                                              sd["rel_pos_bias.relative_position_index"], window_size)
+        rel_pos_bias = relative_position_bias(
+            sd["rel_pos_bias.relative_position_bias_table"], sd["rel_pos_bias.relative_position_index"], window_size
+        )
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     for i in range(depth):
         x = block(x, sd, f"blocks.{i}", num_heads, window_size, rel_pos_bias, eps)

@@ -62,7 +62,7 @@ def interpolate_pos_encoding(sd, x, w, h):
     patch_pos_embed = nn.functional.interpolate(
         patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
         scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
-        mode='bicubic',
+        mode="bicubic",
     )
     assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
     patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
@@ -121,20 +121,23 @@ def ibot_head(sd, x):
 def multi_crop_wrapper(state, x, num_heads, mask=None, masked_im_modeling=False):
     """``MultiCropWrapper.forward(x, mask=mask, return_backbone_feat=True)`` on a ``teacher`` / ``student``
     state dict (``backbone.*``, ``head.*``, the ``module.`` prefix already removed)."""
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     if not isinstance(x, list):
         x = [x]
         mask = [mask] if mask is not None else None
-    idx_crops = torch.cumsum(torch.unique_consecutive(
-        torch.tensor([inp.shape[-1] for inp in x]),
-        return_counts=True,
-    )[1], 0)
+    idx_crops = torch.cumsum(
+        torch.unique_consecutive(
+            torch.tensor([inp.shape[-1] for inp in x]),
+            return_counts=True,
+        )[1],
+        0,
+    )
     start_idx, kwargs = 0, {}
     for end_idx in idx_crops:
-        inp_x = torch.cat(x[start_idx: end_idx])
+        inp_x = torch.cat(x[start_idx:end_idx])
         if mask is not None:
-            inp_m = torch.cat(mask[start_idx: end_idx])
+            inp_m = torch.cat(mask[start_idx:end_idx])
             kwargs.update(dict(mask=inp_m))
         _out = vision_transformer(backbone, inp_x, num_heads, masked_im_modeling=masked_im_modeling, **kwargs)
         if start_idx == 0:
@@ -150,11 +153,25 @@ def multi_crop_wrapper(state, x, num_heads, mask=None, masked_im_modeling=False)
 class iBOTLoss:  # noqa: N801
     """``main_ibot.iBOTLoss`` on one process (``dist.all_reduce`` of one rank is the identity)."""
 
-    def __init__(self, out_dim, patch_out_dim, ngcrops, nlcrops, warmup_teacher_temp,
-                 teacher_temp, warmup_teacher_temp2, teacher_temp2,
-                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
-                 center_momentum=0.9, center_momentum2=0.9,
-                 lambda1=1.0, lambda2=1.0, mim_start_epoch=0):
+    def __init__(
+        self,
+        out_dim,
+        patch_out_dim,
+        ngcrops,
+        nlcrops,
+        warmup_teacher_temp,
+        teacher_temp,
+        warmup_teacher_temp2,
+        teacher_temp2,
+        warmup_teacher_temp_epochs,
+        nepochs,
+        student_temp=0.1,
+        center_momentum=0.9,
+        center_momentum2=0.9,
+        lambda1=1.0,
+        lambda2=1.0,
+        mim_start_epoch=0,
+    ):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.center_momentum2 = center_momentum2
@@ -165,21 +182,28 @@ class iBOTLoss:  # noqa: N801
         self.center2 = torch.zeros(1, 1, patch_out_dim)
         self.lambda1 = lambda1
         self.lambda2 = lambda2
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp,
-                        teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
-        ))
-        self.teacher_temp2_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp2,
-                        teacher_temp2, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp2
-        )) if mim_start_epoch == 0 else np.concatenate((
-            np.ones(mim_start_epoch) * warmup_teacher_temp2,
-            np.linspace(warmup_teacher_temp2,
-                        teacher_temp2, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs - mim_start_epoch) * teacher_temp2
-        ))
+        self.teacher_temp_schedule = np.concatenate(
+            (
+                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+                np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+            )
+        )
+        self.teacher_temp2_schedule = (
+            np.concatenate(
+                (
+                    np.linspace(warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs),
+                    np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp2,
+                )
+            )
+            if mim_start_epoch == 0
+            else np.concatenate(
+                (
+                    np.ones(mim_start_epoch) * warmup_teacher_temp2,
+                    np.linspace(warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs),
+                    np.ones(nepochs - warmup_teacher_temp_epochs - mim_start_epoch) * teacher_temp2,
+                )
+            )
+        )
 
     def __call__(self, student_output, teacher_output, student_local_cls, student_mask, epoch):
         student_cls, student_patch = student_output
@@ -263,13 +287,14 @@ def train_step(ckpt, images, masks, epoch, num_heads):
     ``checkpoint.pth``: returns the loss dict (``loss``, ``cls``, ``patch``), the student's backbone
     tokens on the masked global crops and on the local crops, and the updated ``iBOTLoss``."""
     args = ckpt["args"]
-    student = {k[len("module."):]: v for k, v in ckpt["student"].items()}  # DDP
+    student = {k[len("module.") :]: v for k, v in ckpt["student"].items()}  # DDP
     teacher = ckpt["teacher"]
     ngc = args.global_crops_number
     ibot_loss = ibot_loss_from_checkpoint(ckpt)
     _, teacher_output = multi_crop_wrapper(teacher, images[:ngc], num_heads)
-    student_global, student_output = multi_crop_wrapper(student, images[:ngc], num_heads, mask=masks[:ngc],
-                                                        masked_im_modeling=args.use_masked_im_modeling)
+    student_global, student_output = multi_crop_wrapper(
+        student, images[:ngc], num_heads, mask=masks[:ngc], masked_im_modeling=args.use_masked_im_modeling
+    )
     # student.module.backbone.masked_im_modeling = False
     student_local, student_local_cls = None, None
     if len(images) > ngc:
@@ -284,16 +309,57 @@ def official_args(**overrides):
     """``main_ibot.get_args_parser()`` defaults (ViT part) with ``overrides``, as the ``args`` namespace
     saved in ``save_dict``."""
     args = dict(
-        arch="vit_small", patch_size=16, window_size=7, out_dim=8192, patch_out_dim=8192, shared_head=False,
-        shared_head_teacher=True, norm_last_layer=True, momentum_teacher=0.996, norm_in_head=None,
-        act_in_head="gelu", use_masked_im_modeling=True, pred_ratio=0.3, pred_ratio_var=0, pred_shape="block",
-        pred_start_epoch=0, lambda1=1.0, lambda2=1.0, warmup_teacher_temp=0.04, teacher_temp=0.04,
-        warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07, warmup_teacher_temp_epochs=30, use_fp16=True,
-        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size_per_gpu=128, epochs=100,
-        freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, optimizer="adamw", load_from=None,
-        drop_path=0.1, global_crops_number=2, global_crops_scale=(0.14, 1.0), local_crops_number=0,
-        local_crops_scale=(0.05, 0.4), data_path="/path/to/imagenet/train/", output_dir=".", saveckp_freq=40,
-        seed=0, num_workers=10, dist_url="env://", local_rank=0, rank=0, world_size=1, gpu=0, distributed=True,
+        arch="vit_small",
+        patch_size=16,
+        window_size=7,
+        out_dim=8192,
+        patch_out_dim=8192,
+        shared_head=False,
+        shared_head_teacher=True,
+        norm_last_layer=True,
+        momentum_teacher=0.996,
+        norm_in_head=None,
+        act_in_head="gelu",
+        use_masked_im_modeling=True,
+        pred_ratio=0.3,
+        pred_ratio_var=0,
+        pred_shape="block",
+        pred_start_epoch=0,
+        lambda1=1.0,
+        lambda2=1.0,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.04,
+        warmup_teacher_patch_temp=0.04,
+        teacher_patch_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        use_fp16=True,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        clip_grad=3.0,
+        batch_size_per_gpu=128,
+        epochs=100,
+        freeze_last_layer=1,
+        lr=0.0005,
+        warmup_epochs=10,
+        min_lr=1e-6,
+        optimizer="adamw",
+        load_from=None,
+        drop_path=0.1,
+        global_crops_number=2,
+        global_crops_scale=(0.14, 1.0),
+        local_crops_number=0,
+        local_crops_scale=(0.05, 0.4),
+        data_path="/path/to/imagenet/train/",
+        output_dir=".",
+        saveckp_freq=40,
+        seed=0,
+        num_workers=10,
+        dist_url="env://",
+        local_rank=0,
+        rank=0,
+        world_size=1,
+        gpu=0,
+        distributed=True,
     )
     args.update(overrides)
     return argparse.Namespace(**args)
@@ -306,16 +372,30 @@ def _vit_state(g, img_size, patch_size, embed_dim, depth, mlp_ratio=4, masked_im
     def rnd(*shape, std=0.05):
         return torch.randn(*shape, generator=g) * std
 
-    sd = {"cls_token": rnd(1, 1, d), "pos_embed": rnd(1, n + 1, d),
-          "patch_embed.proj.weight": rnd(d, 3, patch_size, patch_size), "patch_embed.proj.bias": rnd(d)}
+    sd = {
+        "cls_token": rnd(1, 1, d),
+        "pos_embed": rnd(1, n + 1, d),
+        "patch_embed.proj.weight": rnd(d, 3, patch_size, patch_size),
+        "patch_embed.proj.bias": rnd(d),
+    }
     for i in range(depth):
         p = f"blocks.{i}"
-        sd.update({f"{p}.norm1.weight": 1 + rnd(d), f"{p}.norm1.bias": rnd(d),
-                   f"{p}.attn.qkv.weight": rnd(3 * d, d), f"{p}.attn.qkv.bias": rnd(3 * d),
-                   f"{p}.attn.proj.weight": rnd(d, d), f"{p}.attn.proj.bias": rnd(d),
-                   f"{p}.norm2.weight": 1 + rnd(d), f"{p}.norm2.bias": rnd(d),
-                   f"{p}.mlp.fc1.weight": rnd(hidden, d), f"{p}.mlp.fc1.bias": rnd(hidden),
-                   f"{p}.mlp.fc2.weight": rnd(d, hidden), f"{p}.mlp.fc2.bias": rnd(d)})
+        sd.update(
+            {
+                f"{p}.norm1.weight": 1 + rnd(d),
+                f"{p}.norm1.bias": rnd(d),
+                f"{p}.attn.qkv.weight": rnd(3 * d, d),
+                f"{p}.attn.qkv.bias": rnd(3 * d),
+                f"{p}.attn.proj.weight": rnd(d, d),
+                f"{p}.attn.proj.bias": rnd(d),
+                f"{p}.norm2.weight": 1 + rnd(d),
+                f"{p}.norm2.bias": rnd(d),
+                f"{p}.mlp.fc1.weight": rnd(hidden, d),
+                f"{p}.mlp.fc1.bias": rnd(hidden),
+                f"{p}.mlp.fc2.weight": rnd(d, hidden),
+                f"{p}.mlp.fc2.bias": rnd(d),
+            }
+        )
     sd.update({"norm.weight": 1 + rnd(d), "norm.bias": rnd(d)})
     if masked_im_modeling:
         sd["masked_embed"] = rnd(1, d)  # nn.Parameter(torch.zeros(1, embed_dim))
@@ -350,8 +430,13 @@ def official_checkpoint(args, img_size, embed_dim, depth, hidden_dim, bottleneck
     same_dim = args.shared_head or args.shared_head_teacher
     patch_out = args.out_dim if same_dim else args.patch_out_dim
     vit = dict(img_size=img_size, patch_size=args.patch_size, embed_dim=embed_dim, depth=depth)
-    heads = dict(in_dim=embed_dim, out_dim=args.out_dim, patch_out_dim=args.patch_out_dim, hidden_dim=hidden_dim,
-                 bottleneck_dim=bottleneck_dim)
+    heads = dict(
+        in_dim=embed_dim,
+        out_dim=args.out_dim,
+        patch_out_dim=args.patch_out_dim,
+        hidden_dim=hidden_dim,
+        bottleneck_dim=bottleneck_dim,
+    )
     student = {f"backbone.{k}": v for k, v in _vit_state(g, **vit, masked_im_modeling=True).items()}
     student.update({f"head.{k}": v for k, v in _head_state(g, **heads, shared_head=args.shared_head).items()})
     teacher = {f"backbone.{k}": v for k, v in _vit_state(g, **vit).items()}
@@ -368,9 +453,15 @@ def official_checkpoint(args, img_size, embed_dim, depth, hidden_dim, bottleneck
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
         "args": args,
-        "ibot_loss": {"center": torch.randn(1, args.out_dim, generator=g),
-                      "center2": torch.randn(1, 1, patch_out, generator=g)},
-        "fp16_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                        "_growth_tracker": 0},
+        "ibot_loss": {
+            "center": torch.randn(1, args.out_dim, generator=g),
+            "center2": torch.randn(1, 1, patch_out, generator=g),
+        },
+        "fp16_scaler": {
+            "scale": 65536.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": 0,
+        },
     }
-

@@ -33,7 +33,7 @@ def block(x, sd, name, heads):
 
 
 def _depth(sd, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
 def random_masking(x, noise, ratio):

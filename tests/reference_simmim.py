@@ -34,22 +34,57 @@ LOSS_EPS = 1e-5  # SimMIM.forward: mask.sum() + 1e-5
 # configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml; lr values are the *base* ones,
 # scaled by official_linear_scaled_lr before use. 2048 = 128 per GPU (config default / README) x 16 GPUs.
 VIT_B_PRETRAIN = dict(
-    img_size=224, patch_size=16, mask_patch_size=32, mask_ratio=0.6, encoder_stride=16,
-    embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True, init_values=0.1,
-    use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, use_mean_pooling=False,
-    drop_rate=0.0, drop_path_rate=0.1,
-    epochs=800, warmup_epochs=10, batch_size_per_gpu=128, total_batch_size=2048,
-    base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6,  # min_lr is unused by the multistep schedule
-    lr_scheduler="multistep", multisteps=(700,), gamma=0.1,
-    optimizer="adamw", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, clip_grad=5.0,
-    crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
-    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    img_size=224,
+    patch_size=16,
+    mask_patch_size=32,
+    mask_ratio=0.6,
+    encoder_stride=16,
+    embed_dim=768,
+    depth=12,
+    num_heads=12,
+    mlp_ratio=4,
+    qkv_bias=True,
+    init_values=0.1,
+    use_abs_pos_emb=False,
+    use_rel_pos_bias=False,
+    use_shared_rel_pos_bias=True,
+    use_mean_pooling=False,
+    drop_rate=0.0,
+    drop_path_rate=0.1,
+    epochs=800,
+    warmup_epochs=10,
+    batch_size_per_gpu=128,
+    total_batch_size=2048,
+    base_lr=1e-4,
+    warmup_lr=5e-7,
+    min_lr=5e-6,  # min_lr is unused by the multistep schedule
+    lr_scheduler="multistep",
+    multisteps=(700,),
+    gamma=0.1,
+    optimizer="adamw",
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.05,
+    clip_grad=5.0,
+    crop_scale=(0.67, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    hflip=0.5,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
 )
 
 
 # ------------------------------------------------------------------------------------------- keys
-def official_simmim_keys(depth, *, use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
-                         use_rel_pos_bias=False, init_values=0.1, qkv_bias=True, use_mean_pooling=False):
+def official_simmim_keys(
+    depth,
+    *,
+    use_abs_pos_emb=False,
+    use_shared_rel_pos_bias=True,
+    use_rel_pos_bias=False,
+    init_values=0.1,
+    qkv_bias=True,
+    use_mean_pooling=False,
+):
     """Keys of ``SimMIM(VisionTransformerForSimMIM(...), encoder_stride).state_dict()``, in its order.
 
     Restates the attribute names of ``models/vision_transformer.py`` (``VisionTransformer.__init__``,
@@ -72,8 +107,11 @@ def official_simmim_keys(depth, *, use_abs_pos_emb=False, use_shared_rel_pos_bia
         keys += [f"{b}.attn.qkv.weight", f"{b}.attn.proj.weight", f"{b}.attn.proj.bias"]
         keys += [f"{b}.norm2.weight", f"{b}.norm2.bias"]
         keys += [f"{b}.mlp.fc1.weight", f"{b}.mlp.fc1.bias", f"{b}.mlp.fc2.weight", f"{b}.mlp.fc2.bias"]
-    keys += ["encoder.fc_norm.weight", "encoder.fc_norm.bias"] if use_mean_pooling else \
-        ["encoder.norm.weight", "encoder.norm.bias"]
+    keys += (
+        ["encoder.fc_norm.weight", "encoder.fc_norm.bias"]
+        if use_mean_pooling
+        else ["encoder.norm.weight", "encoder.norm.bias"]
+    )
     return keys + ["decoder.0.weight", "decoder.0.bias"]
 
 
@@ -142,8 +180,11 @@ def _block(x, sd, name, num_heads, shared_bias, grid, eps):
     h = _attention(_ln(x, sd, f"{name}.norm1", eps), sd, f"{name}.attn", num_heads, shared_bias, grid)
     x = x + (sd[f"{name}.gamma_1"] * h if f"{name}.gamma_1" in sd else h)
     h = _ln(x, sd, f"{name}.norm2", eps)
-    h = F.linear(F.gelu(F.linear(h, sd[f"{name}.mlp.fc1.weight"], sd[f"{name}.mlp.fc1.bias"])),
-                 sd[f"{name}.mlp.fc2.weight"], sd[f"{name}.mlp.fc2.bias"])
+    h = F.linear(
+        F.gelu(F.linear(h, sd[f"{name}.mlp.fc1.weight"], sd[f"{name}.mlp.fc1.bias"])),
+        sd[f"{name}.mlp.fc2.weight"],
+        sd[f"{name}.mlp.fc2.bias"],
+    )
     return x + (sd[f"{name}.gamma_2"] * h if f"{name}.gamma_2" in sd else h)
 
 
@@ -157,7 +198,7 @@ def official_vit_simmim_encoder(sd, images, mask, *, num_heads, patch_size=None,
     ``Identity`` only with mean pooling) over all 1+L tokens; [CLS] dropped; ``[B, L, D] -> [B, D, h, w]``
     by ``permute(0, 2, 1).reshape`` with ``h = w = int(L ** 0.5)`` (square grids only).
     """
-    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     w_pe = sd["patch_embed.proj.weight"]
     patch_size = patch_size or w_pe.shape[-1]
     if tuple(w_pe.shape[-2:]) != (patch_size, patch_size):
@@ -182,7 +223,7 @@ def official_vit_simmim_encoder(sd, images, mask, *, num_heads, patch_size=None,
         x = _ln(x, sd, "norm", ln_eps)
     x = x[:, 1:]
     b, n, c = x.shape
-    side = int(n ** 0.5)
+    side = int(n**0.5)
     return x.permute(0, 2, 1).reshape(b, c, side, side)
 
 
@@ -203,8 +244,7 @@ def official_upsample_mask(mask, patch_size):
     return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).contiguous()
 
 
-def official_simmim_loss(state_dict, images, mask, *, num_heads, patch_size=None, ln_eps=LN_EPS,
-                         return_rec=False):
+def official_simmim_loss(state_dict, images, mask, *, num_heads, patch_size=None, ln_eps=LN_EPS, return_rec=False):
     """``SimMIM.forward(x, mask)`` (models/simmim.py) with a ViT encoder: the scalar loss
     (``(loss, x_rec)`` with ``return_rec``).
 
@@ -217,8 +257,7 @@ def official_simmim_loss(state_dict, images, mask, *, num_heads, patch_size=None
     """
     patch_size = patch_size or state_dict["encoder.patch_embed.proj.weight"].shape[-1]
     in_chans = state_dict["encoder.patch_embed.proj.weight"].shape[1]
-    z = official_vit_simmim_encoder(state_dict, images, mask, num_heads=num_heads, patch_size=patch_size,
-                                    ln_eps=ln_eps)
+    z = official_vit_simmim_encoder(state_dict, images, mask, num_heads=num_heads, patch_size=patch_size, ln_eps=ln_eps)
     x_rec = official_simmim_decoder(state_dict, z)
     pixel_mask = official_upsample_mask(mask, patch_size)
     loss_recon = F.l1_loss(images, x_rec, reduction="none")
@@ -250,9 +289,10 @@ def official_mask_generator(input_size, mask_patch_size, model_patch_size, mask_
         raise ValueError("input_size % mask_patch_size and mask_patch_size % model_patch_size must be 0")
     rand_size = input_size // mask_patch_size
     scale = mask_patch_size // model_patch_size
-    token_count = rand_size ** 2
-    chosen = (np.random if rng is None else rng).permutation(token_count)[:official_mask_count(
-        input_size, mask_patch_size, mask_ratio)]
+    token_count = rand_size**2
+    chosen = (np.random if rng is None else rng).permutation(token_count)[
+        : official_mask_count(input_size, mask_patch_size, mask_ratio)
+    ]
     coarse = np.zeros(token_count, dtype=int)
     coarse[chosen] = 1
     return coarse.reshape(rand_size, rand_size).repeat(scale, axis=0).repeat(scale, axis=1)
@@ -272,8 +312,7 @@ def official_decays(name, shape, skip=("encoder.pos_embed", "encoder.cls_token")
     ``SimMIM.no_weight_decay()`` (for ViT only ``encoder.pos_embed``/``encoder.cls_token``; ViT has no
     skip keywords). So ``encoder.mask_token`` and ``rel_pos_bias.relative_position_bias_table`` ARE
     decayed for ViT (Swin adds ``mask_token`` to its skip list, ViT does not)."""
-    return not (len(shape) == 1 or name.endswith(".bias") or name in skip
-                or any(k in name for k in skip_keywords))
+    return not (len(shape) == 1 or name.endswith(".bias") or name in skip or any(k in name for k in skip_keywords))
 
 
 def official_multistep_lr(step, *, base_lr, warmup_lr, warmup_steps, milestones, gamma=0.1):

@@ -31,8 +31,13 @@ from mimzoo.data.datasets import CIFAR, ImageFolder
 from mimzoo.errors import CheckpointError, ConfigError, DataError, one_line, user_errors
 
 QUICK = ["trainer.max_steps=2", "logger=csv", "probe.knn.enabled=false", "recon.enabled=false"]
-EVAL_FAST = ["data=cifar10_mini", "data.num_workers=0", "logger=csv", "trainer.accelerator=cpu",
-             "trainer.enable_progress_bar=false"]
+EVAL_FAST = [
+    "data=cifar10_mini",
+    "data.num_workers=0",
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def reset_logging():
@@ -71,7 +76,7 @@ def error_line(capsys, prog: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and lines[-1].startswith(f"{prog}: error: "), err
     assert sum("error:" in line for line in lines) == 1, err
-    return lines[-1][len(f"{prog}: error: "):]
+    return lines[-1][len(f"{prog}: error: ") :]
 
 
 def mimzoo_ckpt(model, path: Path) -> Path:
@@ -100,8 +105,14 @@ def cifar_copy(tmp_path, damage: str) -> Path:
     shutil.copytree(src, dst)
     batch = dst / "data_batch_1"
     data = batch.read_bytes()
-    batch.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b"",
-                       "foreign": pickle.dumps({"not": "cifar"})}[damage])
+    batch.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "garbage": os.urandom(4096),
+            "empty": b"",
+            "foreign": pickle.dumps({"not": "cifar"}),
+        }[damage]
+    )
     return batch
 
 
@@ -117,8 +128,9 @@ def test_corrupt_cifar_pickle_names_the_file_and_the_fix(tmp_path, damage):
 
 def test_corrupt_cifar_pickle_through_mimzoo_train(tmp_path, capsys):
     batch = cifar_copy(tmp_path, "truncated")
-    code = run_main(tr.main, "mimzoo-train", *TINY, *QUICK, f"data.root={tmp_path}",
-                    f"hydra.run.dir={tmp_path / 'run'}")
+    code = run_main(
+        tr.main, "mimzoo-train", *TINY, *QUICK, f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"
+    )
     assert code == 2 and f"{batch} is not a readable cifar10-mini batch" in error_line(capsys, "mimzoo-train")
 
 
@@ -145,8 +157,11 @@ def image_folder(root: Path, bad: bool = True) -> list[Path]:
     if not bad:
         return []
     good = (root / "train" / "a" / "0.png").read_bytes()
-    bad_files = [root / "train" / "a" / "truncated.png", root / "train" / "b" / "garbage.png",
-                 root / "train" / "b" / "empty.jpg"]
+    bad_files = [
+        root / "train" / "a" / "truncated.png",
+        root / "train" / "b" / "garbage.png",
+        root / "train" / "b" / "empty.jpg",
+    ]
     bad_files[0].write_bytes(good[: len(good) // 2])
     bad_files[1].write_bytes(os.urandom(2000))
     bad_files[2].write_bytes(b"")
@@ -180,9 +195,20 @@ def test_unreadable_image_can_stop_the_run_naming_it(tmp_path):
 def test_unreadable_image_in_a_worker_through_mimzoo_train(tmp_path, capsys):
     """The error comes back from a DataLoader worker process, whose traceback is in its message: still one line."""
     bad = image_folder(tmp_path / "images")
-    code = run_main(tr.main, "mimzoo-train", *TINY, *QUICK, "data=imagefolder", f"data.root={tmp_path / 'images'}",
-                    "data.image_size=32", "data.patch_size=4", "data.batch_size=11", "data.num_workers=1",
-                    "data.bad_images=error", f"hydra.run.dir={tmp_path / 'run'}")
+    code = run_main(
+        tr.main,
+        "mimzoo-train",
+        *TINY,
+        *QUICK,
+        "data=imagefolder",
+        f"data.root={tmp_path / 'images'}",
+        "data.image_size=32",
+        "data.patch_size=4",
+        "data.batch_size=11",
+        "data.num_workers=1",
+        "data.bad_images=error",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     message = error_line(capsys, "mimzoo-train")
     assert code == 2 and message.startswith("unreadable image ") and any(str(p) in message for p in bad)
     assert "DataLoader worker" not in message
@@ -192,9 +218,19 @@ def test_unreadable_image_in_a_worker_through_mimzoo_train(tmp_path, capsys):
 @pytest.mark.filterwarnings("default::UserWarning")  # pyproject ignores UserWarning; these must show
 def test_skipped_images_still_train(tmp_path, capsys):
     image_folder(tmp_path / "images")
-    code = run_main(tr.main, "mimzoo-train", *TINY, *QUICK, "data=imagefolder", f"data.root={tmp_path / 'images'}",
-                    "data.image_size=32", "data.patch_size=4", "data.batch_size=11", "data.num_workers=0",
-                    f"hydra.run.dir={tmp_path / 'run'}")
+    code = run_main(
+        tr.main,
+        "mimzoo-train",
+        *TINY,
+        *QUICK,
+        "data=imagefolder",
+        f"data.root={tmp_path / 'images'}",
+        "data.image_size=32",
+        "data.patch_size=4",
+        "data.batch_size=11",
+        "data.num_workers=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert code == 0 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert capsys.readouterr().err.count("skipped unreadable image") == 3
 
@@ -231,12 +267,26 @@ def wrong_kinds(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("kinds")
     torch.manual_seed(0)
-    paths = {"dvae": mimzoo_ckpt(DVAE(vae=dict(num_tokens=16, downsample=4, hidden_dim=8, code_dim=8,
-                                               num_resblocks=0)), root / "dvae" / "last.ckpt")}
+    paths = {
+        "dvae": mimzoo_ckpt(
+            DVAE(vae=dict(num_tokens=16, downsample=4, hidden_dim=8, code_dim=8, num_resblocks=0)),
+            root / "dvae" / "last.ckpt",
+        )
+    }
     pretrained = MAE(**TINY_MAE)
-    for name, module in (("linear", LinearProbe(pretrained, 10)), ("finetune", FineTune.from_pretrained(pretrained, 10))):
-        trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
+    for name, module in (
+        ("linear", LinearProbe(pretrained, 10)),
+        ("finetune", FineTune.from_pretrained(pretrained, 10)),
+    ):
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, datamodule=MIMDataModule("fake", batch_size=8, num_workers=0, fake_size=16, num_classes=10))
         paths[name] = root / name / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(paths[name])
@@ -244,12 +294,18 @@ def wrong_kinds(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("kind,expected", [
-    ("dvae", "is a DVAE checkpoint, a tokenizer stage with no encoder to {purpose}: train BEiT on it"),
-    ("linear", "is a linear-probe checkpoint written by mimzoo-eval (a classifier), not a pre-training checkpoint: "
-               "pass ckpt=/runs/pretrain/checkpoints/last.ckpt"),
-    ("finetune", "is a fine-tune checkpoint written by mimzoo-eval"),
-])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("dvae", "is a DVAE checkpoint, a tokenizer stage with no encoder to {purpose}: train BEiT on it"),
+        (
+            "linear",
+            "is a linear-probe checkpoint written by mimzoo-eval (a classifier), not a pre-training checkpoint: "
+            "pass ckpt=/runs/pretrain/checkpoints/last.ckpt",
+        ),
+        ("finetune", "is a fine-tune checkpoint written by mimzoo-eval"),
+    ],
+)
 def test_wrong_kind_of_checkpoint_for_eval_and_export(wrong_kinds, tmp_path, capsys, kind, expected):
     path = wrong_kinds[kind]
     code = run_main(ev.main, "mimzoo-eval", "protocol=knn", f"ckpt={path}", *EVAL_FAST, f"hydra.run.dir={tmp_path}")
@@ -305,8 +361,10 @@ def test_batch_larger_than_the_data(tmp_path, capsys):
     code = run_main(tr.main, "mimzoo-train", *TINY, *QUICK, "data.batch_size=1024", f"hydra.run.dir={tmp_path}")
     captured = capsys.readouterr()
     assert code == 2 and "mimzoo: checkpoint" not in captured.out
-    assert ("mimzoo-train: error: data.batch_size=1024 is larger than the 512 training images of cifar10-mini, so no "
-            "full batch is left: set data.batch_size=512 or less") in captured.err
+    assert (
+        "mimzoo-train: error: data.batch_size=1024 is larger than the 512 training images of cifar10-mini, so no "
+        "full batch is left: set data.batch_size=512 or less"
+    ) in captured.err
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
@@ -319,24 +377,53 @@ def test_summary_names_no_checkpoint_that_does_not_exist(tmp_path, capsys):
 
 def test_more_cpu_processes_than_cores(tmp_path, capsys):
     n = available_cores() + 1
-    expected = (f"trainer.devices={n} starts {n} CPU training processes but this machine gives the run "
-                f"{n - 1} core(s): set trainer.devices={n - 1} or less (on CPU each device is a process)")
-    code = run_main(tr.main, "mimzoo-train", *TINY, *QUICK, "trainer.accelerator=cpu", f"trainer.devices={n}",
-                    f"hydra.run.dir={tmp_path / 'train'}")
+    expected = (
+        f"trainer.devices={n} starts {n} CPU training processes but this machine gives the run "
+        f"{n - 1} core(s): set trainer.devices={n - 1} or less (on CPU each device is a process)"
+    )
+    code = run_main(
+        tr.main,
+        "mimzoo-train",
+        *TINY,
+        *QUICK,
+        "trainer.accelerator=cpu",
+        f"trainer.devices={n}",
+        f"hydra.run.dir={tmp_path / 'train'}",
+    )
     assert code == 2 and error_line(capsys, "mimzoo-train") == expected
-    code = run_main(ev.main, "mimzoo-eval", *EVAL_FAST, f"trainer.devices={n}", "ckpt=x.ckpt",
-                    f"hydra.run.dir={tmp_path / 'eval'}")
+    code = run_main(
+        ev.main, "mimzoo-eval", *EVAL_FAST, f"trainer.devices={n}", "ckpt=x.ckpt", f"hydra.run.dir={tmp_path / 'eval'}"
+    )
     assert code == 2 and error_line(capsys, "mimzoo-eval") == expected
 
 
 # --- paths with '=' --------------------------------------------------------------------------------------
 def test_paths_with_equals_are_quoted_for_hydra():
-    assert quote_path_overrides(["ckpt=runs/a/epoch=3-step=100.ckpt", "+ckpt_path=x=y", "mask.ratio=0.5",
-                                 "-m", "ckpt='already=quoted'", "x=range(start=1,stop=3)", "--config-dir", "a=b=c"]) == [
-        "ckpt='runs/a/epoch=3-step=100.ckpt'", "+ckpt_path='x=y'", "mask.ratio=0.5", "-m", "ckpt='already=quoted'",
-        "x=range(start=1,stop=3)", "--config-dir", "a=b=c"]
+    assert quote_path_overrides(
+        [
+            "ckpt=runs/a/epoch=3-step=100.ckpt",
+            "+ckpt_path=x=y",
+            "mask.ratio=0.5",
+            "-m",
+            "ckpt='already=quoted'",
+            "x=range(start=1,stop=3)",
+            "--config-dir",
+            "a=b=c",
+        ]
+    ) == [
+        "ckpt='runs/a/epoch=3-step=100.ckpt'",
+        "+ckpt_path='x=y'",
+        "mask.ratio=0.5",
+        "-m",
+        "ckpt='already=quoted'",
+        "x=range(start=1,stop=3)",
+        "--config-dir",
+        "a=b=c",
+    ]
     check_overrides(["ckpt='a=b'", "x=range(start=1,stop=3)", "ckpt=plain"])
-    with pytest.raises(ConfigError, match=r"""a value holding '=' must be quoted for Hydra, e.g. "ckpt='a=1.ckpt,b=2.ckpt'\""""):
+    with pytest.raises(
+        ConfigError, match=r"""a value holding '=' must be quoted for Hydra, e.g. "ckpt='a=1.ckpt,b=2.ckpt'\""""
+    ):
         check_overrides(["ckpt=a=1.ckpt,b=2.ckpt"])
 
 
@@ -345,11 +432,20 @@ def test_lightning_checkpoint_names_as_ckpt_and_ckpt_path(trained, tmp_path, cap
     named = tmp_path / "ckpts" / "epoch=0-step=2.ckpt"
     named.parent.mkdir()
     shutil.copy(trained / "checkpoints" / "last.ckpt", named)
-    code = run_main(tr.main, "mimzoo-train", *TINY, *QUICK[1:], "trainer.max_steps=3", f"ckpt_path={named}",
-                    f"hydra.run.dir={tmp_path / 'resumed'}")
+    code = run_main(
+        tr.main,
+        "mimzoo-train",
+        *TINY,
+        *QUICK[1:],
+        "trainer.max_steps=3",
+        f"ckpt_path={named}",
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+    )
     assert code == 0
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
-    code = run_main(ev.main, "mimzoo-eval", "protocol=knn", f"ckpt={named}", *EVAL_FAST, f"hydra.run.dir={tmp_path / 'eval'}")
+    code = run_main(
+        ev.main, "mimzoo-eval", "protocol=knn", f"ckpt={named}", *EVAL_FAST, f"hydra.run.dir={tmp_path / 'eval'}"
+    )
     assert code == 0 and json.loads((tmp_path / "eval" / "results.json").read_text())["ckpt"] == str(named)
     code = run_main(ev.main, "mimzoo-eval", "protocol=knn", "ckpt=a=1.ckpt,b=2.ckpt", *EVAL_FAST)
     assert code == 2 and "ckpt='a=1.ckpt,b=2.ckpt'" in error_line(capsys, "mimzoo-eval")
@@ -387,7 +483,7 @@ def test_only_user_errors_become_one_line(capsys):
             try:
                 raise ConfigError("bad key")
             except ConfigError:
-                raise KeyError("bug")
+                raise KeyError("bug")  # noqa: B904 (implicit chaining, as a bug in a handler raises)
     with pytest.raises(SystemExit) as exit_info:  # wrapped by Hydra's instantiate: still the user's message
         with user_errors("mimzoo-x"):
             try:
@@ -395,6 +491,8 @@ def test_only_user_errors_become_one_line(capsys):
             except CheckpointError as err:
                 raise InstantiationException("Error in call to target") from err
     assert exit_info.value.code == 2 and capsys.readouterr().err == "mimzoo-x: error: bad file\n"
-    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                        '  File "x.py", line 1\nmimzoo.errors.DataError: unreadable image /a/b.png (truncated)\n')
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1\nmimzoo.errors.DataError: unreadable image /a/b.png (truncated)\n'
+    )
     assert one_line(wrapped) == "unreadable image /a/b.png (truncated)"

@@ -96,21 +96,28 @@ def test_masked_pixels_never_change_any_output():
 def test_beit_init():
     model = make(tokenizer=FakeTokenizer(num_tokens=512))
     enc = model.encoder
-    for name, w in [("qkv", enc.blocks[0].attn.qkv.weight), ("fc1", enc.blocks[1].mlp.fc1.weight),
-                    ("head", model.head.weight), ("patch", enc.patch_embed.proj.weight),
-                    ("cls", enc.cls_token), ("mask", enc.mask_token)]:
+    for name, w in [
+        ("qkv", enc.blocks[0].attn.qkv.weight),
+        ("fc1", enc.blocks[1].mlp.fc1.weight),
+        ("head", model.head.weight),
+        ("patch", enc.patch_embed.proj.weight),
+        ("cls", enc.cls_token),
+        ("mask", enc.mask_token),
+    ]:
         assert w.abs().max() <= 0.02 + 1e-7, name  # cut at ±1 sigma, not ±2
         assert w.abs().max() > 0.015, name
-    for l, block in enumerate(enc.blocks, start=1):  # proj/fc2 of block l: cut at 0.02 / sqrt(2l)
+    for layer, block in enumerate(enc.blocks, start=1):  # proj/fc2 of block l: cut at 0.02 / sqrt(2l)
         for w in (block.attn.proj.weight, block.mlp.fc2.weight):
-            bound = 0.02 / math.sqrt(2 * l)
+            bound = 0.02 / math.sqrt(2 * layer)
             assert bound * 0.75 < w.abs().max() <= bound + 1e-7
     # std ratio of fc2 between blocks 1 and 2 is sqrt(2*2)/sqrt(2*1) = sqrt(2)
     ratio = enc.blocks[0].mlp.fc2.weight.std() / enc.blocks[1].mlp.fc2.weight.std()
     assert abs(ratio - math.sqrt(2)) < 0.15
     assert all((b.attn.k_bias == 0).all() and "k_bias" not in dict(b.attn.named_parameters()) for b in enc.blocks)
-    assert all(torch.equal(b.gamma_1, torch.full((32,), 0.1)) and torch.equal(b.gamma_2, torch.full((32,), 0.1))
-               for b in enc.blocks)
+    assert all(
+        torch.equal(b.gamma_1, torch.full((32,), 0.1)) and torch.equal(b.gamma_2, torch.full((32,), 0.1))
+        for b in enc.blocks
+    )
     assert torch.equal(make(layer_scale_init=1e-5).encoder.blocks[0].gamma_1, torch.full((32,), 1e-5))
 
 
@@ -222,8 +229,14 @@ def test_lightning_fit_and_checkpoint_leave_the_tokenizer_out(tmp_path):
     model = make().train()
     tok_before = {k: v.clone() for k, v in model.tokenizer.state_dict().items()}
     data = DataLoader(TensorDataset(images(b=16), torch.zeros(16, dtype=torch.long)), batch_size=8)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, data)
     ckpt_path = tmp_path / "beit.ckpt"
     trainer.save_checkpoint(ckpt_path)

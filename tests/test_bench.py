@@ -19,8 +19,22 @@ RATIOS = {"same_precision", "default", "official_bf16", "default_vs_official_bf1
 
 
 def test_bench_runs_end_to_end_and_writes_the_table_and_json(tmp_path):
-    report = side_by_side.main(["--size", "toy", "--device", "cpu", "--rounds", "1", "--warmup", "0",
-                                "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md")])
+    report = side_by_side.main(
+        [
+            "--size",
+            "toy",
+            "--device",
+            "cpu",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(tmp_path / "bench.json"),
+            "--markdown",
+            str(tmp_path / "bench.md"),
+        ]
+    )
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["results"].keys() == report["results"].keys() == set(side_by_side.METHODS)
     assert saved["meta"]["default_precision"] == resolve_precision("auto", "cpu")
@@ -48,7 +62,8 @@ def _fake_checkout(root: Path, value: int) -> Path:
     (root / "util" / "pos_embed.py").write_text(f"VALUE = {value}\n")
     (root / "models_mae.py").write_text(
         "import numpy as np\nfrom timm.models.vision_transformer import Block\nfrom util.pos_embed import VALUE\n\n"
-        "def build():\n    return Block(8, 2, 4.0, qkv_bias=True, qk_scale=None), np.float(VALUE)\n")
+        "def build():\n    return Block(8, 2, 4.0, qkv_bias=True, qk_scale=None), np.float(VALUE)\n"
+    )
     return root
 
 
@@ -99,9 +114,22 @@ def test_gpu_columns_img_per_s_flops_and_peaks(monkeypatch):
         assert side_by_side.peak_flops("cuda", "32-true") == fp32
     monkeypatch.setattr(side_by_side.torch.cuda, "get_device_name", lambda *a: "Some GPU")
     assert side_by_side.peak_flops("cuda", "bf16-mixed") is None
-    meta = dict(device="cuda", device_name="Some GPU", torch="x", threads=1, size="toy", rounds=1,
-                default_precision="bf16-mixed")
-    row = {"official": "o", "batch": 4, "ms": ms, "check": dict(rel_diff_fp32=0, rel_diff_default=0),
-           "speedup": {k: dict(median=1, q1=1, q3=1) for k in RATIOS}, **stats}
+    meta = dict(
+        device="cuda",
+        device_name="Some GPU",
+        torch="x",
+        threads=1,
+        size="toy",
+        rounds=1,
+        default_precision="bf16-mixed",
+    )
+    row = {
+        "official": "o",
+        "batch": 4,
+        "ms": ms,
+        "check": dict(rel_diff_fp32=0, rel_diff_default=0),
+        "speedup": {k: dict(median=1, q1=1, q3=1) for k in RATIOS},
+        **stats,
+    }
     report = {"meta": meta, "results": {"mae": row}}
     assert "| mae | mimzoo_default | 400 | unknown device |" in side_by_side.markdown(report)

@@ -28,8 +28,18 @@ def test_equal_terms_same_data_budget_lr_and_backbone_size():
     sizes = {}
     for method in METHODS:
         cfg = composed(f"compare={method}")
-        shared.add((cfg.data.name, cfg.data.image_size, cfg.data.patch_size, cfg.data.batch_size, cfg.optim.lr,
-                    cfg.trainer.max_epochs, cfg.trainer.limit_train_batches, tuple(cfg.offline_eval.protocols)))
+        shared.add(
+            (
+                cfg.data.name,
+                cfg.data.image_size,
+                cfg.data.patch_size,
+                cfg.data.batch_size,
+                cfg.optim.lr,
+                cfg.trainer.max_epochs,
+                cfg.trainer.limit_train_batches,
+                tuple(cfg.offline_eval.protocols),
+            )
+        )
         model = build_model(cfg)
         sizes[method] = sum(p.numel() for p in model.eval_encoder.parameters())
     assert len(shared) == 1, shared
@@ -44,9 +54,17 @@ def test_beit_tokenizer_is_a_prerequisite_that_follows_the_run():
     from mimzoo.train import prerequisite_overrides
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=compare_cifar", "compare=beit", "data=cifar10_mini",
-                                          "trainer.max_epochs=3", "trainer.limit_train_batches=null"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=compare_cifar",
+                "compare=beit",
+                "data=cifar10_mini",
+                "trainer.max_epochs=3",
+                "trainer.limit_train_batches=null",
+            ],
+            return_hydra_config=True,
+        )
     HydraConfig.instance().set_config(cfg)  # as in a job: ${hydra:runtime.choices.data} resolves
     raw = OmegaConf.to_container(cfg, resolve=False)
     assert raw["model"]["tokenizer"]["ckpt"] == "${prerequisites.tokenizer.run_dir}/checkpoints/last.ckpt"
@@ -59,10 +77,19 @@ def test_beit_tokenizer_is_a_prerequisite_that_follows_the_run():
     assert stage.trainer.limit_train_batches is None and stage.trainer.max_epochs == 3
 
 
-TINY_COMPARE = ["data=cifar10_mini", "model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
-                "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-                "probe.knn.max_bank=256", "offline_eval.protocols=[knn]", "logger=csv",
-                "trainer.enable_progress_bar=false"]
+TINY_COMPARE = [
+    "data=cifar10_mini",
+    "model.encoder.embed_dim=32",
+    "model.encoder.depth=2",
+    "model.encoder.num_heads=2",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "probe.knn.max_bank=256",
+    "offline_eval.protocols=[knn]",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+]
 
 
 @pytest.mark.slow

@@ -10,20 +10,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mimzoo
 import reference_convmae as ref
+from conftest import TINY
 from mimzoo import masking
 from mimzoo.checkpoints import import_main, load_pretrained
 from mimzoo.eval.finetune import FineTune
 from mimzoo.masking import mask_pyramid, upsample_mask
 from mimzoo.methods import ConvMAE
 
-from conftest import TINY
-
 ENC = dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2], num_heads=2)
 DEC = dict(dim=32, depth=1, num_heads=2)
 GRID, L, STRIDE = 8, 64, 4
 # conftest's TINY with the ConvMAE encoder size group instead of the ViT one
-TINY_CONVMAE = [o for o in TINY if not o.startswith("model/encoder=")] + ["model=convmae",
-                                                                          "model/convmae_encoder=test"]
+TINY_CONVMAE = [o for o in TINY if not o.startswith("model/encoder=")] + ["model=convmae", "model/convmae_encoder=test"]
 
 
 def tiny(**kw) -> ConvMAE:
@@ -81,8 +79,9 @@ def encoder_views(model, x, mask):
         s1, s2, _ = model.encoder.forward_stages(x, model.encoder.visible_maps(mask))
     hook.remove()
     v1, v2 = (~m for m in mask_pyramid(mask, (GRID, GRID), model.encoder.stage_scales))
-    return dict(stage1=s1.permute(0, 2, 3, 1)[v1], stage2=s2.permute(0, 2, 3, 1)[v2],
-                stage3=captured["stage3"], latent=latent)
+    return dict(
+        stage1=s1.permute(0, 2, 3, 1)[v1], stage2=s2.permute(0, 2, 3, 1)[v2], stage3=captured["stage3"], latent=latent
+    )
 
 
 def test_masked_pixels_reach_no_visible_feature_at_any_stage():
@@ -92,8 +91,9 @@ def test_masked_pixels_reach_no_visible_feature_at_any_stage():
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     # the decoder's predictions depend only on what the encoder saw
     with torch.no_grad():
-        torch.testing.assert_close(model(x, mask).pred, model(perturb_masked_pixels(x, mask), mask).pred,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            model(x, mask).pred, model(perturb_masked_pixels(x, mask), mask).pred, rtol=0, atol=1e-6
+        )
 
 
 def test_without_masked_convolution_masked_pixels_leak():
@@ -114,8 +114,14 @@ def test_loss_falls_on_a_fixed_batch_and_every_stage_gets_gradients():
         loss.backward()
         if first is None:
             first = loss.item()
-            for name in ("patch_embed1.proj", "blocks1.0.attn", "blocks2.0.attn", "stage1_output_decode",
-                         "stage2_output_decode", "blocks3.1.attn.qkv"):
+            for name in (
+                "patch_embed1.proj",
+                "blocks1.0.attn",
+                "blocks2.0.attn",
+                "stage1_output_decode",
+                "stage2_output_decode",
+                "blocks3.1.attn.qkv",
+            ):
                 assert model.encoder.get_submodule(name).weight.grad.abs().sum() > 0, name
             assert model.encoder.pos_embed.grad is None  # fixed sin-cos positions
         opt.step()
@@ -138,14 +144,17 @@ def path_flops(model, x, mask) -> dict:
     with FlopCounterMode(display=False) as counter:
         model(x, mask)
     counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    return dict(stage3=counts["ConvMAE.encoder.blocks3"], decoder=counts["ConvMAE.decoder"],
-                total=counter.get_total_flops())
+    return dict(
+        stage3=counts["ConvMAE.encoder.blocks3"], decoder=counts["ConvMAE.decoder"], total=counter.get_total_flops()
+    )
 
 
 def test_masking_makes_stage3_and_decoder_clearly_cheaper():
     torch.manual_seed(0)  # ConvMAE-CIFAR with the convmae_cifar decoder (256 x 4)
-    model = ConvMAE(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[64, 128, 256], depth=[2, 2, 8],
-                                 num_heads=4), decoder=dict(dim=256, depth=4, num_heads=8)).eval()
+    model = ConvMAE(
+        encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[64, 128, 256], depth=[2, 2, 8], num_heads=4),
+        decoder=dict(dim=256, depth=4, num_heads=8),
+    ).eval()
     x = images(b=2)
     with torch.no_grad():
         masked = path_flops(model, x, fixed_mask(b=2))
@@ -173,17 +182,30 @@ def official_state_dict(seed=0, dims=(8, 16, 32), depth=(1, 2, 2), patches=(1, 2
     def vit_block(name, d, hidden):
         ln(f"{name}.norm1", d)
         ln(f"{name}.norm2", d)
-        sd.update({f"{name}.attn.qkv.weight": r(3 * d, d), f"{name}.attn.qkv.bias": r(3 * d),
-                   f"{name}.attn.proj.weight": r(d, d), f"{name}.attn.proj.bias": r(d),
-                   f"{name}.mlp.fc1.weight": r(hidden, d), f"{name}.mlp.fc1.bias": r(hidden),
-                   f"{name}.mlp.fc2.weight": r(d, hidden), f"{name}.mlp.fc2.bias": r(d)})
+        sd.update(
+            {
+                f"{name}.attn.qkv.weight": r(3 * d, d),
+                f"{name}.attn.qkv.bias": r(3 * d),
+                f"{name}.attn.proj.weight": r(d, d),
+                f"{name}.attn.proj.bias": r(d),
+                f"{name}.mlp.fc1.weight": r(hidden, d),
+                f"{name}.mlp.fc1.bias": r(hidden),
+                f"{name}.mlp.fc2.weight": r(d, hidden),
+                f"{name}.mlp.fc2.bias": r(d),
+            }
+        )
 
     sd, chans = {}, (3, *dims)
     for i in range(3):
         conv(f"patch_embed{i + 1}.proj", chans[i + 1], chans[i], patches[i])
         ln(f"patch_embed{i + 1}.norm", chans[i + 1])
-    sd.update({"patch_embed4.weight": r(dims[2], dims[2]), "patch_embed4.bias": r(dims[2]),
-               "pos_embed": r(1, L, dims[2], s=0.5)})
+    sd.update(
+        {
+            "patch_embed4.weight": r(dims[2], dims[2]),
+            "patch_embed4.bias": r(dims[2]),
+            "pos_embed": r(1, L, dims[2], s=0.5),
+        }
+    )
     conv("stage1_output_decode", dims[2], dims[0], patches[1] * patches[2])
     conv("stage2_output_decode", dims[2], dims[1], patches[2])
     for s in range(2):
@@ -199,8 +221,14 @@ def official_state_dict(seed=0, dims=(8, 16, 32), depth=(1, 2, 2), patches=(1, 2
     for i in range(depth[2]):
         vit_block(f"blocks3.{i}", dims[2], 4 * dims[2])
     ln("norm", dims[2])
-    sd.update({"decoder_embed.weight": r(dec, dims[2]), "decoder_embed.bias": r(dec), "mask_token": r(1, 1, dec),
-               "decoder_pos_embed": r(1, L, dec, s=0.5)})
+    sd.update(
+        {
+            "decoder_embed.weight": r(dec, dims[2]),
+            "decoder_embed.bias": r(dec),
+            "mask_token": r(1, 1, dec),
+            "decoder_pos_embed": r(1, L, dec, s=0.5),
+        }
+    )
     for i in range(dec_depth):
         vit_block(f"decoder_blocks.{i}", dec, 3 * dec)
     ln("decoder_norm", dec)
@@ -217,8 +245,15 @@ def test_loss_and_pred_equal_official_reference(tmp_path, norm_pix_loss):
     path = tmp_path / "convmae.pth"
     torch.save({"model": sd}, path)
     model = mimzoo.load_official("convmae", path, **HEADS, norm_pix_loss=norm_pix_loss)
-    assert model.hparams.encoder == dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 2, 2],
-                                         num_heads=2, mlp_ratio=[2.0, 2.0, 4.0], in_chans=3)
+    assert model.hparams.encoder == dict(
+        img_size=32,
+        patch_size=[1, 2, 2],
+        embed_dim=[8, 16, 32],
+        depth=[1, 2, 2],
+        num_heads=2,
+        mlp_ratio=[2.0, 2.0, 4.0],
+        in_chans=3,
+    )
     assert model.hparams.decoder == dict(dim=32, depth=1, num_heads=2, mlp_ratio=3.0)
     x, noise = images(), torch.rand(4, L, generator=torch.Generator().manual_seed(2))
     loss, pred, mask = ref.forward(sd, x, noise, 2, 2, norm_pix_loss)
@@ -297,14 +332,23 @@ def test_finetune_model_has_the_official_convvit_names():
     """ConvMAE's fine-tuning ConvViT (``models_convvit.py``, global pool) = the pre-training encoder's names
     minus the fusion convs and the final norm, plus ``fc_norm`` and ``head``."""
     official = {k for k in official_state_dict() if not k.startswith(("decoder_", "mask_token", "stage", "norm."))}
-    model = timm.create_model("convmae_convvit", img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32],
-                              depth=[1, 2, 2], num_heads=2, mlp_ratio=[2, 2, 4], num_classes=10)
+    model = timm.create_model(
+        "convmae_convvit",
+        img_size=32,
+        patch_size=[1, 2, 2],
+        embed_dim=[8, 16, 32],
+        depth=[1, 2, 2],
+        num_heads=2,
+        mlp_ratio=[2, 2, 4],
+        num_classes=10,
+    )
     assert set(model.state_dict()) == official | {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
     assert model(images()).shape == (4, 10)
 
 
-@pytest.mark.parametrize("size, stride, grid", [("test", 4, 8), ("cifar", 4, 8), ("small", 16, 14), ("base", 16, 14),
-                                                ("large", 16, 14)])
+@pytest.mark.parametrize(
+    "size, stride, grid", [("test", 4, 8), ("cifar", 4, 8), ("small", 16, 14), ("base", 16, 14), ("large", 16, 14)]
+)
 def test_size_configs_compose(size, stride, grid):
     from hydra import compose, initialize_config_dir
 
@@ -335,14 +379,29 @@ def test_convmae_cifar_preset_composes_and_builds():
 @pytest.mark.slow
 def test_train_then_knn_eval_on_cifar10_mini(tmp_path, cli):
     run = tmp_path / "run"
-    cli("train", *TINY_CONVMAE, "mask=multiscale", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "logger=csv", f"hydra.run.dir={run}")
+    cli(
+        "train",
+        *TINY_CONVMAE,
+        "mask=multiscale",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+    )
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved["mimzoo"]["method"] == "mimzoo.methods.convmae.ConvMAE" and saved["global_step"] == 2
     assert saved["hyper_parameters"]["encoder"]["patch_size"] == [1, 2, 2]
     assert list((run / "reconstructions").glob("epoch_*.png"))
     assert "probe/knn_top1" in (run / "metrics.csv").read_text().splitlines()[0]
-    proc = cli("evaluate", "protocol=knn", f"ckpt={ckpt}", "data=cifar10_mini", "data.num_workers=0", "logger=csv",
-               "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}")
+    proc = cli(
+        "evaluate",
+        "protocol=knn",
+        f"ckpt={ckpt}",
+        "data=cifar10_mini",
+        "data.num_workers=0",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     assert "knn top-1" in proc.stdout and (tmp_path / "eval" / "results.json").exists()

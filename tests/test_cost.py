@@ -32,9 +32,16 @@ class StepCostByEpoch(pl.LightningModule):
 
 def gflops(tmp_path, repeats):
     path = tmp_path / f"cost_{'_'.join(map(str, repeats))}.json"
-    trainer = pl.Trainer(max_epochs=len(repeats), accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[RunCost(path)],
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=len(repeats),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RunCost(path)],
+        default_root_dir=tmp_path,
+    )
     data = DataLoader(TensorDataset(torch.randn(32, 16)), batch_size=8)
     trainer.fit(StepCostByEpoch(repeats), data)
     cost = json.loads(path.read_text())

@@ -24,13 +24,21 @@ def test_cifar100_pickles(tmp_path):
     rng = np.random.default_rng(0)
     for name, n in (("train", 20), ("test", 10)):
         with open(folder / name, "wb") as f:
-            pickle.dump({b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": [0] * n,
-                         b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}, f)
+            pickle.dump(
+                {
+                    b"fine_labels": rng.integers(0, 100, n).tolist(),
+                    b"coarse_labels": [0] * n,
+                    b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                },
+                f,
+            )
     ds = CIFAR(str(tmp_path), "cifar100", train=False, transform=build_transform("eval", 32, crop_pct=1.0))
     x, y = ds[3]
     assert len(ds) == 10 and x.shape == (3, 32, 32) and ds.num_classes == 100
     raw = np.frombuffer(pickle.load(open(folder / "test", "rb"))[b"data"][3].tobytes(), np.uint8)
-    assert np.array_equal(np.asarray(CIFAR(str(tmp_path), "cifar100", train=False)[3][0]).transpose(2, 0, 1).ravel(), raw)
+    assert np.array_equal(
+        np.asarray(CIFAR(str(tmp_path), "cifar100", train=False)[3][0]).transpose(2, 0, 1).ravel(), raw
+    )
 
 
 def test_image_folder_layout(tmp_path):
@@ -39,8 +47,9 @@ def test_image_folder_layout(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(np.full((40, 50, 3), i * 40, np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    dm = MIMDataModule(name="imagefolder", root=str(tmp_path), image_size=32, batch_size=2, num_workers=0,
-                       crop_pct=0.875)
+    dm = MIMDataModule(
+        name="imagefolder", root=str(tmp_path), image_size=32, batch_size=2, num_workers=0, crop_pct=0.875
+    )
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 32, 32) and dm.num_classes == 2
     with pytest.raises(FileNotFoundError, match="train/ and val/"):
@@ -61,6 +70,7 @@ def test_mae_augmentation_crops_flips_and_normalises():
 def test_fake_data_is_deterministic():
     """Random images, deterministic per index: a fresh data set (another worker, rank or run) gives the same
     image and label for an index whatever the global RNG state, and different indices give different images."""
+
     def fake():
         dm = MIMDataModule(name="fake", image_size=32, batch_size=4, num_workers=0, fake_size=8, train_aug="none")
         return dm._dataset("train")

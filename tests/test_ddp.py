@@ -16,8 +16,14 @@ def run_two_ranks(tmp_path, preset: str, *overrides: str):
     """``ddp_worker.py`` on 2 gloo processes: the tiny ``preset`` (mae | ibot) plus Hydra ``overrides``."""
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(worker), str(tmp_path), preset, *overrides], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path), preset, *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 

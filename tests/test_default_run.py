@@ -11,9 +11,21 @@ from PIL import Image
 
 # What a default run must not print (stdout or stderr): warnings of any kind, Lightning's and W&B's tips, and the
 # particular messages a default run used to print.
-NOISE = [r"(?i)warn", r"(?i)\btip\b", "💡", r"(?i)deprecat", "will be deleted", "will have no effect", "litlogger",
-         "anonymous", "flops_per_batch", "log_every_n_steps", r"(?i)consider (setting|increasing)", "wandb leet",
-         r"Trainer\(limit_\w+_batches=1.0\)"]
+NOISE = [
+    r"(?i)warn",
+    r"(?i)\btip\b",
+    "💡",
+    r"(?i)deprecat",
+    "will be deleted",
+    "will have no effect",
+    "litlogger",
+    "anonymous",
+    "flops_per_batch",
+    "log_every_n_steps",
+    r"(?i)consider (setting|increasing)",
+    "wandb leet",
+    r"Trainer\(limit_\w+_batches=1.0\)",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +35,14 @@ def default_run(tmp_path_factory, cli):
     os.environ["WANDB_MODE"] = "offline"  # W&B as without an account: an offline run in the run dir's wandb/
     os.environ.pop("WANDB_SILENT", None)  # conftest silences W&B for the other tests; this one hears all it says
     try:
-        proc = cli("train", "data=cifar10_mini", "model/encoder=test", "trainer.max_epochs=1", "logger.wandb.enabled=true",
-                   f"hydra.run.dir={run_dir}")
+        proc = cli(
+            "train",
+            "data=cifar10_mini",
+            "model/encoder=test",
+            "trainer.max_epochs=1",
+            "logger.wandb.enabled=true",
+            f"hydra.run.dir={run_dir}",
+        )
     finally:
         for key, value in saved.items():
             if value is None:

@@ -22,8 +22,14 @@ VIEWS = {"local_number": 2, "global_scale": (0.14, 1.0), "local_scale": (0.05, 0
 
 
 def datamodule(**kwargs):
-    kwargs = {"name": "cifar10-mini", "root": os.environ["MIMZOO_DATA"], "batch_size": 64, "num_workers": 0,
-              "loader": "device", **kwargs}
+    kwargs = {
+        "name": "cifar10-mini",
+        "root": os.environ["MIMZOO_DATA"],
+        "batch_size": 64,
+        "num_workers": 0,
+        "loader": "device",
+        **kwargs,
+    }
     return MIMDataModule(**kwargs)
 
 
@@ -67,10 +73,16 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop_sampling():
         ref = torch.tensor([T.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3)) for _ in range(n)]).float()
         ref_top, ref_left, ref_h, ref_w = ref.unbind(1)
 
-        def stats(top, left, h, w):
-            return torch.stack([(w * h / (height * width)).mean(), torch.log(w / h).mean(),
-                                ((top + 0.5) / (height - h + 1)).mean(), ((left + 0.5) / (width - w + 1)).mean(),
-                                ((w == width) & (h == height)).float().mean()])
+        def stats(top, left, h, w, height=height, width=width):
+            return torch.stack(
+                [
+                    (w * h / (height * width)).mean(),
+                    torch.log(w / h).mean(),
+                    ((top + 0.5) / (height - h + 1)).mean(),
+                    ((left + 0.5) / (width - w + 1)).mean(),
+                    ((w == width) & (h == height)).float().mean(),
+                ]
+            )
 
         ours, theirs = stats(top, left, h, w), stats(ref_top, ref_left, ref_h, ref_w)
         assert torch.allclose(ours, theirs, atol=0.02), (height, width, ours, theirs)
@@ -120,8 +132,12 @@ def test_colour_ops_match_torchvision_per_sample():
     draw = torch.Generator().manual_seed(2)
     b, c, s = (torch.rand(4, generator=draw) * r + lo for r, lo in ((0.8, 0.6), (0.8, 0.6), (0.4, 0.8)))
     h = torch.rand(4, generator=draw) * 0.2 - 0.1
-    ops = [lambda im, i: TF.adjust_brightness(im, float(b[i])), lambda im, i: TF.adjust_contrast(im, float(c[i])),
-           lambda im, i: TF.adjust_saturation(im, float(s[i])), lambda im, i: TF.adjust_hue(im, float(h[i]))]
+    ops = [
+        lambda im, i: TF.adjust_brightness(im, float(b[i])),
+        lambda im, i: TF.adjust_contrast(im, float(c[i])),
+        lambda im, i: TF.adjust_saturation(im, float(s[i])),
+        lambda im, i: TF.adjust_hue(im, float(h[i])),
+    ]
     order = random.Random(3).sample(range(4), 4)
     for i in range(4):
         want = x[i]
@@ -167,21 +183,43 @@ def test_image_folder_in_memory_and_its_size_limit(tmp_path):
             for i in range(3):
                 pixels = torch.randint(0, 256, (30, 40 + 10 * i, 3), generator=torch.Generator().manual_seed(i))
                 Image.fromarray(pixels.to(torch.uint8).numpy()).save(tmp_path / split / cls / f"{i}.png")
-    dm = MIMDataModule(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=2, num_workers=0,
-                       loader="device", memory_image_size=24)
+    dm = MIMDataModule(
+        name="imagefolder",
+        root=str(tmp_path),
+        image_size=16,
+        batch_size=2,
+        num_workers=0,
+        loader="device",
+        memory_image_size=24,
+    )
     images, labels = next(iter(dm.device_dataloader(CPU, seed=0)))
     assert images.shape == (2, 3, 16, 16) and dm._in_memory[0].shape == (6, 3, 24, 24)
-    stored = TF.center_crop(TF.resize(Image.open(tmp_path / "train" / "dog" / "2.png"), 24,
-                                      T.InterpolationMode.BICUBIC), 24)
+    stored = TF.center_crop(
+        TF.resize(Image.open(tmp_path / "train" / "dog" / "2.png"), 24, T.InterpolationMode.BICUBIC), 24
+    )
     assert torch.equal(dm._in_memory[0][5], TF.pil_to_tensor(stored))  # resized (shorter side), centre-cropped
     assert dm._in_memory[0].dtype == torch.uint8 and sorted(dm._in_memory[1].tolist()) == [0, 0, 0, 1, 1, 1]
-    small = MIMDataModule(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=2, num_workers=0,
-                          loader="device", memory_image_size=24, memory_limit_gb=1e-5)
-    with pytest.raises(DataError, match=r"6 images of 3x24x24 .* over data.memory_limit_gb=1e-05: raise .* lower "
-                                        r"data.memory_image_size, or use data.loader=pil"):
+    small = MIMDataModule(
+        name="imagefolder",
+        root=str(tmp_path),
+        image_size=16,
+        batch_size=2,
+        num_workers=0,
+        loader="device",
+        memory_image_size=24,
+        memory_limit_gb=1e-5,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"6 images of 3x24x24 .* over data.memory_limit_gb=1e-05: raise .* lower "
+        r"data.memory_image_size, or use data.loader=pil",
+    ):
         small.device_dataloader(CPU, seed=0)
-    with pytest.raises(DataError, match=r"512 images of 3x32x32 uint8 \(0.00157 GB\), over data.memory_limit_gb=0.001: "
-                                        r"raise data.memory_limit_gb \(the training device must hold it\), or use"):
+    with pytest.raises(
+        DataError,
+        match=r"512 images of 3x32x32 uint8 \(0.00157 GB\), over data.memory_limit_gb=0.001: "
+        r"raise data.memory_limit_gb \(the training device must hold it\), or use",
+    ):
         datamodule(memory_limit_gb=0.001).device_dataloader(CPU, seed=0)
 
 
@@ -195,8 +233,17 @@ def test_bad_loader_settings_are_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [TINY, TINY_IBOT], ids=["mae", "ibot"])
 def test_training_with_the_device_loader(overrides, cli, tmp_path):
-    cli("train", *overrides, "data.loader=device", "trainer.max_steps=3", "trainer.log_every_n_steps=1", "logger=csv",
-        "probe.knn.enabled=false", "recon.enabled=false", f"hydra.run.dir={tmp_path}")
+    cli(
+        "train",
+        *overrides,
+        "data.loader=device",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        "probe.knn.enabled=false",
+        "recon.enabled=false",
+        f"hydra.run.dir={tmp_path}",
+    )
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3 and ckpt["datamodule_hyper_parameters"]["loader"] == "device"
     losses = [float(row["train/loss"]) for row in csv.DictReader(open(tmp_path / "metrics.csv")) if row["train/loss"]]
@@ -240,8 +287,9 @@ def test_no_advice_to_add_loading_workers():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr("lightning.pytorch.trainer.connectors.data_connector.suggested_max_num_workers",
-                           lambda devices: 8)
+                mp.setattr(
+                    "lightning.pytorch.trainer.connectors.data_connector.suggested_max_num_workers", lambda devices: 8
+                )
                 _worker_check(Trainer(), dm.train_dataloader(), "train_dataloader")
         advice.append(any("does not have many workers" in str(w.message) for w in caught))
     assert advice == [True, False]

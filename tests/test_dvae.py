@@ -12,17 +12,26 @@ from PIL import Image
 
 from mimzoo.data import MIMDataModule
 from mimzoo.methods import DVAE
-from mimzoo.methods.dvae import gumbel_temperature, kl_weight_at
 from mimzoo.methods.beit import load_tokenizer
+from mimzoo.methods.dvae import gumbel_temperature, kl_weight_at
 from mimzoo.nn.tokenizer import DVAETokenizer
 
-TINY_DVAE = dict(vae=dict(num_tokens=64, downsample=4, hidden_dim=32, code_dim=32, num_resblocks=0),
-                 kl=dict(weight=0.1, warmup=0.1, shape="linear"), optim=dict(lr=3e-3, warmup_epochs=0))
+TINY_DVAE = dict(
+    vae=dict(num_tokens=64, downsample=4, hidden_dim=32, code_dim=32, num_resblocks=0),
+    kl=dict(weight=0.1, warmup=0.1, shape="linear"),
+    optim=dict(lr=3e-3, warmup_epochs=0),
+)
 
 
 def datamodule():
-    return MIMDataModule(name="cifar10-mini", root=os.environ["MIMZOO_DATA"], image_size=32, batch_size=64,
-                         num_workers=0, train_aug="none")
+    return MIMDataModule(
+        name="cifar10-mini",
+        root=os.environ["MIMZOO_DATA"],
+        image_size=32,
+        batch_size=64,
+        num_workers=0,
+        train_aug="none",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +51,15 @@ def trained():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append((trainer.global_step, pl_module.tau(), pl_module.kl_weight()))
 
-    trainer = L.Trainer(max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[Record()])
+    trainer = L.Trainer(
+        max_epochs=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Record()],
+    )
     trainer.fit(model.train(), datamodule=dm)
     model.eval()
     with torch.no_grad():
@@ -70,7 +86,9 @@ def test_schedules_follow_their_formulas_per_step(trained):
     assert gumbel_temperature(75, 100, anneal=0.5) == pytest.approx(1 / 16)  # held at the end after annealing
     assert kl_weight_at(5, 100, 2.0, warmup=0.1, shape="cosine") == pytest.approx(1.0)
     assert kl_weight_at(5, 100, 2.0, warmup=0.1, shape="linear") == pytest.approx(1.0)
-    assert kl_weight_at(2, 100, 2.0, warmup=0.1, shape="cosine") == pytest.approx(2.0 * 0.5 * (1 - math.cos(0.2 * math.pi)))
+    assert kl_weight_at(2, 100, 2.0, warmup=0.1, shape="cosine") == pytest.approx(
+        2.0 * 0.5 * (1 - math.cos(0.2 * math.pi))
+    )
     assert kl_weight_at(50, 100, 2.0, warmup=0.1) == 2.0 and kl_weight_at(0, 100, 2.0, warmup=0.0) == 2.0
 
 
@@ -118,11 +136,24 @@ def test_clear_tokenizer_errors(tmp_path, tiny_mae):
 def stage1(tmp_path_factory, cli):
     """``mimzoo-train experiment=dvae`` (model=dvae + its optimiser) on cifar10-mini, tiny: 2 epochs of 8 steps."""
     run_dir = tmp_path_factory.mktemp("dvae_run")
-    cli("train", "experiment=dvae", "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
-        "model.vae.num_tokens=64", "model.vae.hidden_dim=16", "model.vae.code_dim=16",
-        "model.vae.num_resblocks=0", "optim.lr=3e-3", "optim.warmup_epochs=0", "trainer.max_epochs=2",
-        "trainer.log_every_n_steps=2", "trainer.enable_progress_bar=false", "logger=csv",
-        f"hydra.run.dir={run_dir}")
+    cli(
+        "train",
+        "experiment=dvae",
+        "data=cifar10_mini",
+        "data.batch_size=64",
+        "data.num_workers=0",
+        "model.vae.num_tokens=64",
+        "model.vae.hidden_dim=16",
+        "model.vae.code_dim=16",
+        "model.vae.num_resblocks=0",
+        "optim.lr=3e-3",
+        "optim.warmup_epochs=0",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=2",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+    )
     return run_dir
 
 
@@ -135,8 +166,17 @@ def test_cli_trains_a_dvae(stage1):
     assert panel.size[1] == 2 * 33 + 1  # two rows (original | reconstruction), no masked row
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     columns = set(rows[0])
-    for key in ("train/loss", "train/recon_loss", "train/kl", "train/tau", "train/kl_weight", "train/perplexity",
-                "train/codes_used", "val/loss", "val/recon_loss"):
+    for key in (
+        "train/loss",
+        "train/recon_loss",
+        "train/kl",
+        "train/tau",
+        "train/kl_weight",
+        "train/perplexity",
+        "train/codes_used",
+        "val/loss",
+        "val/recon_loss",
+    ):
         assert key in columns, key
     assert "probe/knn_top1" not in columns  # no features() to probe
 
@@ -145,17 +185,35 @@ def test_cli_trains_a_dvae(stage1):
 def test_two_stage_dvae_then_beit_through_the_cli(stage1, tmp_path, cli):
     """Stage 2 reads the stage-1 checkpoint through load_tokenizer: 64 codes on the 8x8 patch grid."""
     ckpt = stage1 / "checkpoints" / "last.ckpt"
-    cli("train", "experiment=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "model.num_tokens=64",
-        "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false", "probe.knn.max_bank=128", "logger=csv",
-        f"hydra.run.dir={tmp_path}")
+    cli(
+        "train",
+        "experiment=beit",
+        "model/encoder=test",
+        f"model.tokenizer.ckpt={ckpt}",
+        "model.num_tokens=64",
+        "data=cifar10_mini",
+        "data.batch_size=64",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "probe.knn.max_bank=128",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}",
+    )
     beit = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert beit["mimzoo"]["method"] == "mimzoo.methods.beit.BEiT"
     assert beit["hyper_parameters"]["tokenizer"]["ckpt"] == str(ckpt)
-    assert beit["hyper_parameters"]["mask"] == {"name": "block", "ratio": 0.4, "min_num_patches": 16,
-                                                "max_num_patches": None, "min_aspect": 0.3, "max_aspect": None,
-                                                "exact": False}
+    assert beit["hyper_parameters"]["mask"] == {
+        "name": "block",
+        "ratio": 0.4,
+        "min_num_patches": 16,
+        "max_num_patches": None,
+        "min_aspect": 0.3,
+        "max_aspect": None,
+        "exact": False,
+    }
 
 
 @pytest.mark.slow
@@ -169,13 +227,33 @@ def test_beit_checkpoint_evaluates_and_exports(stage1, tmp_path, cli):
 
     ckpt = stage1 / "checkpoints" / "last.ckpt"
     run = tmp_path / "beit"
-    cli("train", "experiment=beit", "model/encoder=test", f"model.tokenizer.ckpt={ckpt}", "data=cifar10_mini",
-        "data.batch_size=64", "data.num_workers=0", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "probe.knn.enabled=false",
-        "logger=csv", f"hydra.run.dir={run}")
+    cli(
+        "train",
+        "experiment=beit",
+        "model/encoder=test",
+        f"model.tokenizer.ckpt={ckpt}",
+        "data=cifar10_mini",
+        "data.batch_size=64",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "probe.knn.enabled=false",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+    )
     beit_ckpt = run / "checkpoints" / "last.ckpt"
-    cli("evaluate", "protocol=knn", f"ckpt={beit_ckpt}", "data=cifar10_mini", "data.num_workers=0", "logger=csv",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'knn'}")
+    cli(
+        "evaluate",
+        "protocol=knn",
+        f"ckpt={beit_ckpt}",
+        "data=cifar10_mini",
+        "data.num_workers=0",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'knn'}",
+    )
     assert 0 <= json.loads((tmp_path / "knn" / "results.json").read_text())["top1"] <= 1
     kwargs = export_encoder(beit_ckpt, tmp_path / "beit.pth")
     model = timm.create_model(**kwargs)

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from conftest import TINY_MAE
 from mimzoo import evaluate as ev
 from mimzoo.data import MIMDataModule
 from mimzoo.eval.finetune import FineTune
@@ -20,16 +21,29 @@ from mimzoo.eval.linear import LinearProbe
 from mimzoo.methods import MAE
 from mimzoo.optim import warmup_cosine
 
-from conftest import TINY_MAE
-
-FAST = ["data=cifar10_mini", "data.num_workers=0", "logger=csv", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]
+FAST = [
+    "data=cifar10_mini",
+    "data.num_workers=0",
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def quiet_trainer(**kwargs):
-    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=0, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +113,8 @@ def test_linear_probe_trains_only_the_head(tiny_mae):
     head_before = linear.weight.clone()
     seen = []  # (training mode, grad enabled) inside the encoder at every forward
     probe.backbone.encoder.blocks[0].register_forward_hook(
-        lambda m, i, o: seen.append((m.training, torch.is_grad_enabled())))
+        lambda m, i, o: seen.append((m.training, torch.is_grad_enabled()))
+    )
     probe.train()  # what Lightning (or any caller) may do: the encoder must stay in eval mode regardless
     assert probe.head.training and not probe.backbone.training
     trainer = quiet_trainer(max_epochs=2, limit_train_batches=2)
@@ -130,8 +145,8 @@ def test_knn_separates_two_clusters():
 def test_knn_weights_votes_by_exp_similarity_over_t():
     """Two far neighbours of class 0 against one close neighbour of class 1: a plain majority (or a
     high temperature) picks class 0; exp(sim / 0.07) makes the close one win."""
-    s = 0.75 ** 0.5
-    bank = torch.tensor([[0.9, 0.19 ** 0.5, 0.0], [0.5, s, 0.0], [0.5, 0.0, s], [-1.0, 0.0, 0.0]])
+    s = 0.75**0.5
+    bank = torch.tensor([[0.9, 0.19**0.5, 0.0], [0.5, s, 0.0], [0.5, 0.0, s], [-1.0, 0.0, 0.0]])
     labels = torch.tensor([1, 0, 0, 1])
     query = torch.tensor([[1.0, 0.0, 0.0]])
     scores = knn_predict(bank, labels, query, num_classes=2, k=3, temperature=0.07)
@@ -177,15 +192,16 @@ def test_finetune_layer_decay(tiny_mae):
     scale = {name[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
     decay = {name[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
     num_layers = 2 + 1  # depth + 1: stem 0, block k -> k + 1, head num_layers
-    assert scale["patch_embed.proj.weight"] == pytest.approx(0.65 ** num_layers)
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.65**num_layers)
     assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.65 ** (num_layers - 1))
     assert scale["blocks.1.mlp.fc2.weight"] == pytest.approx(0.65)
     assert scale["head.weight"] == scale["fc_norm.weight"] == 1.0
     assert decay["head.weight"] == 0.05 and decay["pos_embed"] == decay["cls_token"] == decay["head.bias"] == 0
     # The shared per-step schedule multiplies each group's lr by its lr_scale.
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    fake_trainer = SimpleNamespace(estimated_stepping_batches=100, max_epochs=10, max_steps=-1, num_training_batches=10,
-                                   accumulate_grad_batches=1)
+    fake_trainer = SimpleNamespace(
+        estimated_stepping_batches=100, max_epochs=10, max_steps=-1, num_training_batches=10, accumulate_grad_batches=1
+    )
     warmup_cosine(optimizer, fake_trainer, warmup_epochs=1)["scheduler"].step_update(50)
     top = max(g["lr"] for g in optimizer.param_groups)
     assert all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in optimizer.param_groups)

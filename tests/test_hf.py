@@ -6,7 +6,6 @@ evaluation transform. Also: exports carry the training preprocessing (timm ``pre
 architecture name."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,17 +18,26 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoImageProcessor, ViTMAEConfig, ViTMAEForPreTraining, ViTModel  # noqa: E402
 
 from conftest import TINY, TINY_MAE  # noqa: E402
-from mimzoo.checkpoints import (export_main, import_main, load_official, load_pretrained,  # noqa: E402
-                                timm_model_name)
+from mimzoo.checkpoints import export_main, import_main, load_official, load_pretrained, timm_model_name  # noqa: E402
 from mimzoo.checkpoints.hf import hf_noise  # noqa: E402
 from mimzoo.data import build_transform  # noqa: E402
 from mimzoo.methods import MAE, ConvMAE, iBOT  # noqa: E402
 from mimzoo.nn import sincos_pos_embed_2d  # noqa: E402
 
 L = 64  # 32 px images, 4 px patches
-TINY_HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
-               patch_size=4, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-               decoder_intermediate_size=64, layer_norm_eps=1e-6)
+TINY_HF = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    image_size=32,
+    patch_size=4,
+    decoder_hidden_size=32,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=64,
+    layer_norm_eps=1e-6,
+)
 
 
 def randomize(module, seed=0):
@@ -156,12 +164,15 @@ def test_layer_norm_eps_is_refused_unless_overridden(tmp_path):
     assert abs(got - expected) <= 1e-5 * abs(expected)  # measured: 8e-8 relative
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("hidden_act", "gelu_new", "hidden_act='gelu_new'"),
-    ("qkv_bias", False, "qkv_bias=false"),
-    ("image_size", [32, 48], r"image_size=\[32, 48\]"),
-    ("model_type", "vit", "model_type 'vit'"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hidden_act", "gelu_new", "hidden_act='gelu_new'"),
+        ("qkv_bias", False, "qkv_bias=false"),
+        ("image_size", [32, 48], r"image_size=\[32, 48\]"),
+        ("model_type", "vit", "model_type 'vit'"),
+    ],
+)
 def test_configs_we_cannot_represent_are_refused(tmp_path, field, value, message):
     hf_mae().save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -176,8 +187,11 @@ def test_wrong_files_are_named_in_hf_terms(tmp_path):
     del sd["decoder.decoder_pred.weight"]
     sd["classifier.weight"] = torch.zeros(10, 32)
     save_file(sd, str(tmp_path / "hf" / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"unexpected keys \(1\): classifier.weight(.|\n)*"
-                                         r"missing keys \(1\): decoder.decoder_pred.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"unexpected keys \(1\): classifier.weight(.|\n)*"
+        r"missing keys \(1\): decoder.decoder_pred.weight",
+    ):
         load_official("hf", tmp_path / "hf")
     with pytest.raises(ValueError, match="save_pretrained directory"):
         load_official("hf", tmp_path / "hf" / "config.json")
@@ -212,18 +226,22 @@ def test_vit_backbones_export_to_vit_model(tmp_path):
     """MAE with --format hf-vit, iBOT (its teacher) with --format hf: ViTModel's last_hidden_state[:, 0] is
     our features; a ConvMAE is refused."""
     torch.manual_seed(0)
-    ibot = iBOT(encoder=TINY_MAE["encoder"], head=dict(out_dim=64, hidden_dim=32, bottleneck_dim=16),
-                mask=dict(name="ibot", ratio=0.3, ratio_var=0.2))
+    ibot = iBOT(
+        encoder=TINY_MAE["encoder"],
+        head=dict(out_dim=64, hidden_dim=32, bottleneck_dim=16),
+        mask=dict(name="ibot", ratio=0.3, ratio_var=0.2),
+    )
     for name, model, fmt in (("mae", tiny_mae(), "hf-vit"), ("ibot", randomize(ibot), "hf")):
         export_main([str(save_ckpt(model, tmp_path / f"{name}.ckpt")), str(tmp_path / name), "--format", fmt])
         vit, info = ViTModel.from_pretrained(tmp_path / name, add_pooling_layer=False, output_loading_info=True)
         assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
         x = images()
         with torch.no_grad():
-            torch.testing.assert_close(vit.eval()(x).last_hidden_state[:, 0], model.features(x), rtol=1e-5,
-                                       atol=1e-5)
-    convmae = ConvMAE(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2],
-                                   num_heads=2), decoder=dict(dim=32, depth=1, num_heads=2))
+            torch.testing.assert_close(vit.eval()(x).last_hidden_state[:, 0], model.features(x), rtol=1e-5, atol=1e-5)
+    convmae = ConvMAE(
+        encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2], num_heads=2),
+        decoder=dict(dim=32, depth=1, num_heads=2),
+    )
     with pytest.raises(SystemExit, match="not a ViT(.|\n)*--format timm"):
         export_main([str(save_ckpt(convmae, tmp_path / "convmae.ckpt")), str(tmp_path / "c"), "--format", "hf"])
 
@@ -255,8 +273,17 @@ def test_cli_export_carries_the_training_preprocessing(tmp_path, cli):
     --format hf writes the same into the image processor."""
     mean, std = [0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616]
     run_dir = tmp_path / "run"
-    cli("train", *TINY, "trainer.max_steps=2", "logger=csv", "probe.knn.enabled=false", "recon.enabled=false",
-        f"+data.mean={mean}", f"+data.std={std}", f"hydra.run.dir={run_dir}")
+    cli(
+        "train",
+        *TINY,
+        "trainer.max_steps=2",
+        "logger=csv",
+        "probe.knn.enabled=false",
+        "recon.enabled=false",
+        f"+data.mean={mean}",
+        f"+data.std={std}",
+        f"hydra.run.dir={run_dir}",
+    )
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     export_main([str(ckpt), str(tmp_path / "vit.pth")])
     kwargs = json.loads((tmp_path / "vit.pth.json").read_text())
@@ -275,16 +302,22 @@ def test_cli_export_carries_the_training_preprocessing(tmp_path, cli):
     export_main([str(ckpt), str(tmp_path / "hf"), "--format", "hf"])
     processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
     image = _smooth_image(32, 32)
-    torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"][0],
-                               build_transform("eval", 32, mean, std, crop_pct=1.0)(image), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        processor(image, return_tensors="pt")["pixel_values"][0],
+        build_transform("eval", 32, mean, std, crop_pct=1.0)(image),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_imported_checkpoint_exports_with_timms_name_and_the_paper_preprocessing(tmp_path):
     """An imported ViT-S/16 (no data settings in the checkpoint) exports as vit_small_patch16_224 with
     ImageNet mean/std, 224 px, crop 0.875, and says where they come from."""
     torch.manual_seed(0)
-    model = MAE(encoder=dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
-                decoder=dict(dim=32, depth=1, num_heads=2))
+    model = MAE(
+        encoder=dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+        decoder=dict(dim=32, depth=1, num_heads=2),
+    )
     ckpt = save_ckpt(model, tmp_path / "vit_s.ckpt")
     raw = torch.load(ckpt, weights_only=False)
     raw["mimzoo"]["imported_from"] = "mae_pretrain_vit_small.pth"
@@ -296,23 +329,32 @@ def test_imported_checkpoint_exports_with_timms_name_and_the_paper_preprocessing
     cfg = timm.data.resolve_data_config({}, model=vit)
     assert tuple(cfg["input_size"]) == (3, 224, 224) and cfg["crop_pct"] == 0.875
     np.testing.assert_allclose(cfg["mean"], (0.485, 0.456, 0.406)) and np.testing.assert_allclose(
-        cfg["std"], (0.229, 0.224, 0.225))
-    assert "paper default" in vit.pretrained_cfg["notes"] and "mae_pretrain_vit_small.pth" in vit.pretrained_cfg["notes"]
+        cfg["std"], (0.229, 0.224, 0.225)
+    )
+    assert (
+        "paper default" in vit.pretrained_cfg["notes"] and "mae_pretrain_vit_small.pth" in vit.pretrained_cfg["notes"]
+    )
 
 
-@pytest.mark.parametrize("family, sizes, name", [
-    ("vit", dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=224), "vit_small_patch16_224"),
-    ("vit", dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=224), "vit_base_patch16_224"),
-    ("vit", dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=384), "vit_base_patch16_384"),
-    ("vit", dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, img_size=224), "vit_large_patch16_224"),
-    ("vit", dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14, img_size=224), "vit_huge_patch14_224"),
-    ("beit", dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=224), "beit_base_patch16_224"),
-    ("beit", dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, img_size=224), "beit_large_patch16_224"),
-    ("vit", dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=96), "vit_base_patch16_224"),
-    ("vit", dict(embed_dim=384, depth=6, num_heads=6, patch_size=16, img_size=224), "vit_base_patch16_224"),
-    ("vit", dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=224, mlp_ratio=2.0),
-     "vit_base_patch16_224"),
-])
+@pytest.mark.parametrize(
+    "family, sizes, name",
+    [
+        ("vit", dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=224), "vit_small_patch16_224"),
+        ("vit", dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=224), "vit_base_patch16_224"),
+        ("vit", dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=384), "vit_base_patch16_384"),
+        ("vit", dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, img_size=224), "vit_large_patch16_224"),
+        ("vit", dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14, img_size=224), "vit_huge_patch14_224"),
+        ("beit", dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=224), "beit_base_patch16_224"),
+        ("beit", dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, img_size=224), "beit_large_patch16_224"),
+        ("vit", dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=96), "vit_base_patch16_224"),
+        ("vit", dict(embed_dim=384, depth=6, num_heads=6, patch_size=16, img_size=224), "vit_base_patch16_224"),
+        (
+            "vit",
+            dict(embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=224, mlp_ratio=2.0),
+            "vit_base_patch16_224",
+        ),
+    ],
+)
 def test_timm_model_name(family, sizes, name):
     assert timm_model_name({"model_name": f"{family}_base_patch16_224", "mlp_ratio": 4.0, **sizes}) == name
     convvit = {"embed_dim": [256, 384, 768], "depth": [2, 2, 11], "num_heads": 12, "patch_size": [4, 2, 2]}
@@ -322,8 +364,10 @@ def test_timm_model_name(family, sizes, name):
 def test_convmae_timm_export_carries_the_training_preprocessing(tmp_path):
     """convmae_convvit applies the export's pretrained_cfg_overlay like timm's own models do."""
     torch.manual_seed(0)
-    model = ConvMAE(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2],
-                                 num_heads=2), decoder=dict(dim=32, depth=1, num_heads=2))
+    model = ConvMAE(
+        encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2], num_heads=2),
+        decoder=dict(dim=32, depth=1, num_heads=2),
+    )
     data = dict(image_size=32, crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616))
     export_main([str(save_ckpt(model, tmp_path / "convmae.ckpt", data=data)), str(tmp_path / "convvit.pth")])
     vit = timm.create_model(**json.loads((tmp_path / "convvit.pth.json").read_text()))

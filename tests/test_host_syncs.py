@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import TINY_MAE
-from mimzoo.methods import BEiT, ConvMAE, DVAE, MAE, SGMAE, SimMIM, iBOT
+from mimzoo.methods import DVAE, MAE, SGMAE, BEiT, ConvMAE, SimMIM, iBOT
 
 ENC = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
@@ -43,6 +43,7 @@ def no_host_syncs():
             if self.device.type == "meta":
                 raise HostSync(f"Tensor.{name} of a device tensor: a host sync")
             return original(self, *args, **kwargs)
+
         return guarded
 
     def to(self, *args, **kwargs):
@@ -59,6 +60,7 @@ def no_host_syncs():
             if _on_meta(device) and not isinstance(data, torch.Tensor):
                 raise HostSync(f"torch.{name}(<Python data>, device=...): a blocking copy")
             return original(data, *args, device=device, **kwargs)
+
         return guarded
 
     names = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy")
@@ -75,7 +77,7 @@ def no_host_syncs():
     finally:
         for name, original in originals.items():
             if name.startswith("torch."):
-                setattr(torch, name[len("torch."):], original)
+                setattr(torch, name[len("torch.") :], original)
             else:
                 setattr(torch.Tensor, name, original)
 
@@ -123,16 +125,23 @@ def sgmae(informed: bool):
 
 MODELS = {
     "mae": lambda: MAE(**TINY_MAE),
-    "convmae": lambda: ConvMAE(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32],
-                                            depth=[1, 1, 2], num_heads=2), decoder=TINY_MAE["decoder"]),
+    "convmae": lambda: ConvMAE(
+        encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 16, 32], depth=[1, 1, 2], num_heads=2),
+        decoder=TINY_MAE["decoder"],
+    ),
     "sgmae-random": lambda: sgmae(informed=False),
     "sgmae-informed": lambda: sgmae(informed=True),
     "simmim": lambda: SimMIM(encoder=ENC),
-    "beit": lambda: BEiT(encoder=ENC, tokenizer=tiny_dvae().tokenizer(),
-                         mask={"name": "block", "ratio": 0.4, "exact": False}),
+    "beit": lambda: BEiT(
+        encoder=ENC, tokenizer=tiny_dvae().tokenizer(), mask={"name": "block", "ratio": 0.4, "exact": False}
+    ),
     "dvae": tiny_dvae,
-    "ibot": lambda: iBOT(encoder=ENC, head=dict(out_dim=64, hidden_dim=32, bottleneck_dim=16),
-                         mask=dict(name="ibot", ratio=0.3, ratio_var=0.2), views=dict(local_number=2)),
+    "ibot": lambda: iBOT(
+        encoder=ENC,
+        head=dict(out_dim=64, hidden_dim=32, bottleneck_dim=16),
+        mask=dict(name="ibot", ratio=0.3, ratio_var=0.2),
+        views=dict(local_number=2),
+    ),
 }
 
 
@@ -141,18 +150,29 @@ def test_a_training_step_reads_nothing_back_from_the_device(name):
     """Every method's step, on the meta device: no host reads, no blocking copies, no numbers logged
     (iBOT with two local crops; SG-MAE before and after its switch to informed masks)."""
     model = MODELS[name]()
-    batch = ([images(), images(), images(size=12), images(size=12)] if name == "ibot" else images(),
-             torch.zeros(4, dtype=torch.long, device="meta"))
+    batch = (
+        [images(), images(), images(size=12), images(size=12)] if name == "ibot" else images(),
+        torch.zeros(4, dtype=torch.long, device="meta"),
+    )
     step_on_meta(model, batch)
 
 
 def test_the_checker_catches_each_kind_of_sync():
     """The checker itself: each kind of sync it claims to catch raises."""
     x = torch.ones(3, device="meta")
-    cases = [lambda: bool(x.sum()), lambda: int(x.sum()), lambda: float(x.sum()), lambda: x.sum().item(),
-             lambda: x.tolist(), lambda: x.cpu(), lambda: x.nonzero(), lambda: x[x > 0],
-             lambda: torch.ones(3).to("meta"), lambda: torch.tensor(1.0, device="meta"),
-             lambda: torch.as_tensor(3, device="meta")]
+    cases = [
+        lambda: bool(x.sum()),
+        lambda: int(x.sum()),
+        lambda: float(x.sum()),
+        lambda: x.sum().item(),
+        lambda: x.tolist(),
+        lambda: x.cpu(),
+        lambda: x.nonzero(),
+        lambda: x[x > 0],
+        lambda: torch.ones(3).to("meta"),
+        lambda: torch.tensor(1.0, device="meta"),
+        lambda: torch.as_tensor(3, device="meta"),
+    ]
     with no_host_syncs():
         for case in cases:
             with pytest.raises((HostSync, NotImplementedError, RuntimeError)):
@@ -174,9 +194,16 @@ def test_progress_bar_and_throughput_read_the_device_only_where_the_loggers_writ
     from mimzoo.callbacks import LoggedStepsProgressBar, LoggedThroughput, sync_free
 
     bar, seen = LoggedStepsProgressBar(), {"reads": [], "syncs": []}
-    trainer = L.Trainer(max_steps=6, log_every_n_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path, name="run"),
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[bar, LoggedThroughput(batch_size_fn=lambda b: b[0].shape[0], window_size=2)])
+    trainer = L.Trainer(
+        max_steps=6,
+        log_every_n_steps=3,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="run"),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[bar, LoggedThroughput(batch_size_fn=lambda b: b[0].shape[0], window_size=2)],
+    )
     original = TQDMProgressBar.get_metrics
 
     def reads(self, trainer_, module):

@@ -33,8 +33,9 @@ def tiny_ibot(**kwargs):
 
 def crops(batch=4, local=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(2)] + \
-           [torch.randn(batch, 3, 12, 12, generator=g) for _ in range(local)]
+    return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(2)] + [
+        torch.randn(batch, 3, 12, 12, generator=g) for _ in range(local)
+    ]
 
 
 def fixed_masks(batch=4, seed=0):
@@ -59,8 +60,16 @@ class Capture(L.Callback):
 def fit_tiny(model, steps=1, callbacks=(), **trainer_kwargs):
     dm = MIMDataModule("cifar10-mini", batch_size=16, num_workers=0)
     dm.train_views = {**model.train_views, "blur": False}
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=list(callbacks), **trainer_kwargs)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        **trainer_kwargs,
+    )
     trainer.fit(model, datamodule=dm)
     return trainer
 
@@ -145,8 +154,11 @@ def test_patch_heads_run_on_masked_tokens_only_with_the_all_token_loss_gradients
     Masks with variable counts, one image with none and one fully masked."""
     from reference_ibot import iBOTLoss
 
-    model = tiny_ibot(drop_path_rate=0.0, views=dict(local_number=2),
-                      head={**HEAD, "shared_head": shared_head, "patch_out_dim": None if shared_head else 48})
+    model = tiny_ibot(
+        drop_path_rate=0.0,
+        views=dict(local_number=2),
+        head={**HEAD, "shared_head": shared_head, "patch_out_dim": None if shared_head else 48},
+    )
     model.center.normal_(0, 0.1)
     model.center_patch.normal_(0, 0.1)  # non-zero centres, so the centring is checked too
     model.train()
@@ -155,8 +167,11 @@ def test_patch_heads_run_on_masked_tokens_only_with_the_all_token_loss_gradients
     masks[0][1] = False  # an unmasked image: adds 0, still counts in its view's mean
     masks[1][2] = True  # a fully masked one
     rows = {"student": [], "teacher": [], "student_mlp": []}  # tokens per call (shared heads: [CLS] calls too)
-    for name, module in (("student", model.student_head.last_layer2), ("teacher", model.teacher_head.last_layer2),
-                         ("student_mlp", model.student_head.mlp)):
+    for name, module in (
+        ("student", model.student_head.last_layer2),
+        ("teacher", model.teacher_head.last_layer2),
+        ("student_mlp", model.student_head.mlp),
+    ):
         module.register_forward_hook(lambda m, args, out, name=name: rows[name].append(args[0].shape[:-1].numel()))
     out = model(views, [m.clone() for m in masks])
     out.loss.backward()
@@ -178,9 +193,13 @@ def test_patch_heads_run_on_masked_tokens_only_with_the_all_token_loss_gradients
     official.center, official.center2 = ref.center.clone(), ref.center_patch.clone()
     expected = official((s_cls, s_patch), (t_cls, t_patch), s_local, [m.view(4, 8, 8) for m in masks], 99)
     expected["loss"].backward()
-    for ours, theirs in ((out.loss, expected["loss"]), (out.logs["loss_cls"], expected["cls"]),
-                         (out.logs["loss_mim"], expected["patch"]), (model.center, official.center),
-                         (model.center_patch, official.center2)):
+    for ours, theirs in (
+        (out.loss, expected["loss"]),
+        (out.logs["loss_cls"], expected["cls"]),
+        (out.logs["loss_mim"], expected["patch"]),
+        (model.center, official.center),
+        (model.center_patch, official.center2),
+    ):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     # the same loss from model.loss given every position (what the old forward computed)
     _, mim_all, _ = ref.loss(torch.cat([s_cls, s_local]), s_patch, t_cls, t_patch, torch.cat(masks))
@@ -241,8 +260,13 @@ def test_sharpening_and_per_step_teacher_temperature_warm_up():
     logits = torch.randn(4, 64)
     entropy = lambda t: -(F.softmax(logits / t, -1) * F.log_softmax(logits / t, -1)).sum(-1).mean()  # noqa: E731
     assert entropy(0.04) < entropy(0.07) < entropy(0.1)
-    model = tiny_ibot(warmup_teacher_temp_epochs=2, teacher_temp=0.07, teacher_patch_temp=0.05,
-                      warmup_teacher_patch_temp=0.03, teacher_temp_schedule="per_step")
+    model = tiny_ibot(
+        warmup_teacher_temp_epochs=2,
+        teacher_temp=0.07,
+        teacher_patch_temp=0.05,
+        warmup_teacher_patch_temp=0.03,
+        teacher_temp_schedule="per_step",
+    )
     assert model.teacher_temps() == (0.07, 0.05)  # outside a trainer: the final values
     temps = Temps()
     fit_tiny(model, steps=-1, max_epochs=4, limit_train_batches=2, callbacks=[temps])  # warm-up: 4 of 8 steps
@@ -257,10 +281,25 @@ def test_official_teacher_temperature_schedule_is_main_ibot_s(warmup_epochs):
     (per_step: 0.0500), the final value at epoch W-1; W=1 keeps the warm value for epoch 0."""
     from reference_ibot import iBOTLoss
 
-    official = iBOTLoss(64, 64, 2, 0, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp2=0.03,
-                        teacher_temp2=0.06, warmup_teacher_temp_epochs=warmup_epochs, nepochs=100)
-    model = tiny_ibot(teacher_temp=0.07, teacher_patch_temp=0.06, warmup_teacher_temp=0.04,
-                      warmup_teacher_patch_temp=0.03, warmup_teacher_temp_epochs=warmup_epochs)
+    official = iBOTLoss(
+        64,
+        64,
+        2,
+        0,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp2=0.03,
+        teacher_temp2=0.06,
+        warmup_teacher_temp_epochs=warmup_epochs,
+        nepochs=100,
+    )
+    model = tiny_ibot(
+        teacher_temp=0.07,
+        teacher_patch_temp=0.06,
+        warmup_teacher_temp=0.04,
+        warmup_teacher_patch_temp=0.03,
+        warmup_teacher_temp_epochs=warmup_epochs,
+    )
     assert model.hparams.teacher_temp_schedule == "official"
     ours = [model.teacher_temps(epoch=e) for e in range(100)]
     assert [t for t, _ in ours] == official.teacher_temp_schedule.tolist()
@@ -306,8 +345,9 @@ def test_head_shapes_sharing_and_frozen_norm():
     assert not g.requires_grad and torch.equal(g, torch.ones_like(g))
     w = shared.last_layer.weight
     torch.testing.assert_close(w.norm(dim=1), torch.ones(64))  # weight-normalised rows of norm g = 1
-    separate = IBOTHead(32, out_dim=64, patch_out_dim=48, hidden_dim=32, bottleneck_dim=16, shared_head=False,
-                        norm_last_layer=False)
+    separate = IBOTHead(
+        32, out_dim=64, patch_out_dim=48, hidden_dim=32, bottleneck_dim=16, shared_head=False, norm_last_layer=False
+    )
     cls, patch = separate(torch.randn(2, 5, 32))
     assert patch.shape == (2, 4, 48) and separate.last_layer2 is not separate.last_layer
     assert separate.last_layer.parametrizations.weight.original0.requires_grad
@@ -390,9 +430,8 @@ def test_positions_for_other_crop_sizes_follow_the_official_interpolate_pos_enco
     sizes where the official ``+ 0.1`` scale factor differs from a plain resize (timm's)."""
     from timm.layers import resample_abs_pos_embed
 
-    from reference_ibot import interpolate_pos_encoding, vision_transformer
-
     from mimzoo.nn import MaskTokenViT
+    from reference_ibot import interpolate_pos_encoding, vision_transformer
 
     torch.manual_seed(0)
     vit = MaskTokenViT(img_size=64, patch_size=4, embed_dim=32, depth=2, num_heads=2).eval()
@@ -404,8 +443,9 @@ def test_positions_for_other_crop_sizes_follow_the_official_interpolate_pos_enco
         ours = vit._pos_embed(torch.zeros(1, *grid, 32))  # zero patch embeddings: the positions show
         torch.testing.assert_close(ours[:, 1:], official[:, 1:], rtol=0, atol=0)
         torch.testing.assert_close(ours[:, 0], sd["cls_token"][:, 0] + official[:, 0], rtol=0, atol=0)
-        torch.testing.assert_close(vit.forward_masked(images), vision_transformer(sd, images, num_heads=2),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            vit.forward_masked(images), vision_transformer(sd, images, num_heads=2), rtol=0, atol=1e-6
+        )
     resized = resample_abs_pos_embed(sd["pos_embed"], grid, (16, 16), num_prefix_tokens=1, antialias=False)
     assert (resized - official).abs().max() > 0.1 * sd["pos_embed"].std()  # the quirk matters at these sizes
 
@@ -427,8 +467,13 @@ def test_export_is_the_teacher_as_a_strict_timm_vit():
 @pytest.mark.slow
 def test_end_to_end_train_resume_eval_and_export(tmp_path, cli):
     run_dir = tmp_path / "run"
-    common = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
-              "logger=csv", f"hydra.run.dir={run_dir}"]
+    common = [
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+    ]
     cli("train", *TINY_IBOT, "trainer.max_epochs=1", *common)
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert first["global_step"] == 3 and first["hyper_parameters"]["mask"]["name"] == "ibot"
@@ -438,15 +483,32 @@ def test_end_to_end_train_resume_eval_and_export(tmp_path, cli):
     assert second["global_step"] == 6
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     logged = {k for r in rows for k, v in r.items() if v}
-    for key in ("train/loss_cls", "train/loss_mim", "train/teacher_entropy", "train/teacher_student_kl",
-                "train/teacher_cls_std", "train/ema_momentum", "train/teacher_temp", "train/weight_decay",
-                "train/collapsed", "val/loss", "probe/knn_top1"):
+    for key in (
+        "train/loss_cls",
+        "train/loss_mim",
+        "train/teacher_entropy",
+        "train/teacher_student_kl",
+        "train/teacher_cls_std",
+        "train/ema_momentum",
+        "train/teacher_temp",
+        "train/weight_decay",
+        "train/collapsed",
+        "val/loss",
+        "probe/knn_top1",
+    ):
         assert key in logged, key
     steps = sorted({int(r["step"]) for r in rows if r.get("train/ema_momentum")})
     assert steps[-1] == 5  # the resumed run continued the step count
     out = tmp_path / "eval"
-    cli("evaluate", "protocol=knn", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "data=cifar10_mini",
-        "data.num_workers=0", "data.batch_size=64", f"hydra.run.dir={out}")
+    cli(
+        "evaluate",
+        "protocol=knn",
+        f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "data=cifar10_mini",
+        "data.num_workers=0",
+        "data.batch_size=64",
+        f"hydra.run.dir={out}",
+    )
     assert 0 <= json.loads((out / "results.json").read_text())["top1"] <= 1
     from mimzoo.checkpoints import export_encoder
 
@@ -480,9 +542,19 @@ OFFICIAL_SIZES = dict(img_size=64, embed_dim=32, depth=2, hidden_dim=32, bottlen
 def official_run_args(**kwargs):
     from reference_ibot import official_args
 
-    return official_args(**{"arch": "vit_tiny", "patch_size": 8, "out_dim": 64, "patch_out_dim": 64,
-                            "norm_last_layer": False, "teacher_temp": 0.07, "local_crops_number": 2,
-                            "epochs": 100, **kwargs})
+    return official_args(
+        **{
+            "arch": "vit_tiny",
+            "patch_size": 8,
+            "out_dim": 64,
+            "patch_out_dim": 64,
+            "norm_last_layer": False,
+            "teacher_temp": 0.07,
+            "local_crops_number": 2,
+            "epochs": 100,
+            **kwargs,
+        }
+    )
 
 
 def official_crops(local_size, batch=3, seed=0):
@@ -495,21 +567,26 @@ def official_crops(local_size, batch=3, seed=0):
     return views, masks
 
 
-@pytest.mark.parametrize(("shared_head", "shared_head_teacher", "local_size"),
-                         [(True, True, 24), (False, True, 32), (False, False, 24)],
-                         ids=["recipe-local24", "defaults-local32", "unshared-local24"])
-def test_official_training_checkpoint_imports_and_gives_the_official_step(tmp_path, shared_head, shared_head_teacher,
-                                                                          local_size):
+@pytest.mark.parametrize(
+    ("shared_head", "shared_head_teacher", "local_size"),
+    [(True, True, 24), (False, True, 32), (False, False, 24)],
+    ids=["recipe-local24", "defaults-local32", "unshared-local24"],
+)
+def test_official_training_checkpoint_imports_and_gives_the_official_step(
+    tmp_path, shared_head, shared_head_teacher, local_size
+):
     """``mimzoo-import ibot checkpoint.pth`` on a main_ibot.py training checkpoint (DDP ``module.``
     student, teacher without ``masked_embed``, ``ibot_loss`` centres, ``args``, optimizer, fp16 scaler):
     on the same crops (24 or 32 px local crops on a 64 px model) and masks, the loss and its [CLS] and
     patch parts, the student's tokens and the updated centres are the official ones to 1e-6."""
+    from mimzoo.checkpoints import import_main, load_pretrained
     from reference_ibot import official_checkpoint, train_step
 
-    from mimzoo.checkpoints import import_main, load_pretrained
-
-    args = official_run_args(shared_head=shared_head, shared_head_teacher=shared_head_teacher,
-                             patch_out_dim=64 if shared_head_teacher else 48)
+    args = official_run_args(
+        shared_head=shared_head,
+        shared_head_teacher=shared_head_teacher,
+        patch_out_dim=64 if shared_head_teacher else 48,
+    )
     ckpt = official_checkpoint(args, **OFFICIAL_SIZES, epoch=40)
     assert "masked_embed" not in str(list(ckpt["teacher"])) and "module.backbone.masked_embed" in ckpt["student"]
     torch.save(ckpt, tmp_path / "checkpoint.pth")
@@ -528,34 +605,46 @@ def test_official_training_checkpoint_imports_and_gives_the_official_step(tmp_pa
     for block in model.student.blocks:  # the official step with drop-path off, to compare one forward
         block.drop_path1 = block.drop_path2 = torch.nn.Identity()
     out = model(views, [m.flatten(1) for m in masks[:2]])
-    for ours, theirs in ((out.loss, official["loss"]), (out.logs["loss_cls"], official["cls"]),
-                         (out.logs["loss_mim"], official["patch"]), (model.center, official_loss.center),
-                         (model.center_patch, official_loss.center2)):
+    for ours, theirs in (
+        (out.loss, official["loss"]),
+        (out.logs["loss_cls"], official["cls"]),
+        (out.logs["loss_mim"], official["patch"]),
+        (model.center, official_loss.center),
+        (model.center_patch, official_loss.center2),
+    ):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(model.student.forward_masked(torch.cat(views[:2]), torch.cat(masks[:2]).flatten(1)),
-                                   student_global, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(model.student.forward_masked(torch.cat(views[2:])), student_local,
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            model.student.forward_masked(torch.cat(views[:2]), torch.cat(masks[:2]).flatten(1)),
+            student_global,
+            rtol=1e-6,
+            atol=1e-6,
+        )
+        torch.testing.assert_close(
+            model.student.forward_masked(torch.cat(views[2:])), student_local, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_official_checkpoint_weights_land_on_our_names(tmp_path):
     """Every official tensor lands where the importer says: backbones (``masked_embed`` -> student's
     ``mask_token``; the teacher, which has none, gets the student's), heads (``weight_g``/``weight_v``),
     centres (``center2`` -> ``center_patch``)."""
-    from reference_ibot import official_checkpoint
-
     from mimzoo.checkpoints import load_official
+    from reference_ibot import official_checkpoint
 
     ckpt = official_checkpoint(official_run_args(shared_head=False), **OFFICIAL_SIZES)
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     ours = load_official("ibot", tmp_path / "checkpoint.pth", encoder={"num_heads": 2}).state_dict()
-    student = {k[len("module."):]: v for k, v in ckpt["student"].items()}
+    student = {k[len("module.") :]: v for k, v in ckpt["student"].items()}
     for name, part in (("student", student), ("teacher", ckpt["teacher"])):
         for k, v in part.items():
-            k = (k.replace("backbone.", f"{name}.").replace("head.", f"{name}_head.")
-                 .replace("masked_embed", "mask_token").replace("weight_g", "parametrizations.weight.original0")
-                 .replace("weight_v", "parametrizations.weight.original1"))
+            k = (
+                k.replace("backbone.", f"{name}.")
+                .replace("head.", f"{name}_head.")
+                .replace("masked_embed", "mask_token")
+                .replace("weight_g", "parametrizations.weight.original0")
+                .replace("weight_v", "parametrizations.weight.original1")
+            )
             assert torch.equal(ours[k].reshape(v.shape), v), k
     assert torch.equal(ours["teacher.mask_token"], ours["student.mask_token"])
     assert torch.equal(ours["center"], ckpt["ibot_loss"]["center"])
@@ -567,17 +656,17 @@ def test_official_backbone_release_imports_both_backbones(tmp_path, release):
     """The released ``checkpoint_teacher.pth`` (``{"state_dict": teacher backbone}``, no ``masked_embed``)
     and ``extract_backbone_weights.py --checkpoint_key student`` output (bare, with ``masked_embed``):
     both backbones are the file's, tokens the official ones on global and 24 px crops."""
-    from reference_ibot import official_checkpoint, vision_transformer
-
     from mimzoo.checkpoints import load_official
+    from reference_ibot import official_checkpoint, vision_transformer
 
     ckpt = official_checkpoint(official_run_args(), **OFFICIAL_SIZES)
     if release == "checkpoint_teacher":
-        backbone = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
+        backbone = {k[len("backbone.") :]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
         saved = {"state_dict": backbone}
     else:
-        backbone = {k[len("module.backbone."):]: v for k, v in ckpt["student"].items()
-                    if k.startswith("module.backbone")}
+        backbone = {
+            k[len("module.backbone.") :]: v for k, v in ckpt["student"].items() if k.startswith("module.backbone")
+        }
         saved = backbone
     torch.save(saved, tmp_path / f"{release}.pth")
     with pytest.warns(UserWarning, match="backbone only"):
@@ -588,10 +677,12 @@ def test_official_backbone_release_imports_both_backbones(tmp_path, release):
     with torch.no_grad():
         for size in (64, 24):
             images = torch.randn(2, 3, size, size)
-            torch.testing.assert_close(model.teacher.forward_masked(images), vision_transformer(backbone, images, 2),
-                                       rtol=0, atol=1e-6)
-            torch.testing.assert_close(model.student.forward_masked(images), vision_transformer(backbone, images, 2),
-                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                model.teacher.forward_masked(images), vision_transformer(backbone, images, 2), rtol=0, atol=1e-6
+            )
+            torch.testing.assert_close(
+                model.student.forward_masked(images), vision_transformer(backbone, images, 2), rtol=0, atol=1e-6
+            )
     del backbone["blocks.1.mlp.fc2.weight"]
     torch.save(backbone, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="missing keys"):

@@ -7,11 +7,10 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import TINY_MAE
 from mimzoo.data import MIMDataModule
 from mimzoo.methods import MAE
 from mimzoo.nn import patchify
-
-from conftest import TINY_MAE
 
 
 def images(seed=0, b=4):
@@ -125,9 +124,16 @@ def test_lr_scaling_and_per_step_schedule(tmp_path):
     L.seed_everything(0)
     model = MAE(**TINY_MAE, optim=dict(blr=1e-3, warmup_epochs=1, min_lr=1e-6))
     dm = MIMDataModule(name="fake", image_size=32, batch_size=8, num_workers=0, fake_size=64)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=3, accumulate_grad_batches=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     lrs = []
     model.on_train_batch_start = lambda batch, i: lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
     trainer.fit(model, datamodule=dm)
@@ -172,8 +178,15 @@ def test_non_finite_loss_stops_the_run_at_the_epoch_end_before_any_checkpoint(tm
 
     model.forward = spoilt_third_step
     dm = MIMDataModule(name="fake", image_size=32, batch_size=8, num_workers=0, fake_size=40)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 2; lower optim.blr"):
         trainer.fit(model, datamodule=dm)
     assert len(calls) == 5  # the whole first epoch ran
@@ -200,8 +213,10 @@ def test_missing_data_root_names_the_fix(tmp_path):
 
 
 def test_imagenet_geometry_224_patch16():
-    model = MAE(encoder=dict(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2),
-                decoder=dict(dim=32, depth=1, num_heads=2))
+    model = MAE(
+        encoder=dict(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2),
+        decoder=dict(dim=32, depth=1, num_heads=2),
+    )
     out = model(torch.randn(2, 3, 224, 224))
     assert model.grid_size == (14, 14) and out.pred.shape == (2, 196, 768) and (out.mask.sum(1) == 147).all()
 

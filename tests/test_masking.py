@@ -34,17 +34,26 @@ def test_variable_count_strategies_say_so_and_token_dropping_methods_refuse_them
         tiny_mae(torch.randn(16, 3, 32, 32), mask=mask)
 
 
-@pytest.mark.parametrize("mask", [{"name": "ibot"}, {"name": "block", "exact": False},
-                                  {"name": "multiscale", "base": {"name": "block", "exact": False}}])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        {"name": "ibot"},
+        {"name": "block", "exact": False},
+        {"name": "multiscale", "base": {"name": "block", "exact": False}},
+    ],
+)
 def test_token_dropping_methods_refuse_inexact_strategies_when_built(mask):
     from conftest import TINY_MAE
-    from mimzoo.methods import ConvMAE, MAE
+    from mimzoo.methods import MAE, ConvMAE
 
     with pytest.raises(ValueError, match="drops masked tokens.*exact counts"):
         MAE(**TINY_MAE, mask=mask)
     with pytest.raises(ValueError, match="drops masked tokens"):
-        ConvMAE(encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 8, 16], depth=[1, 1, 1], num_heads=2),
-                decoder=TINY_MAE["decoder"], mask=mask)
+        ConvMAE(
+            encoder=dict(img_size=32, patch_size=[1, 2, 2], embed_dim=[8, 8, 16], depth=[1, 1, 1], num_heads=2),
+            decoder=TINY_MAE["decoder"],
+            mask=mask,
+        )
 
 
 @pytest.mark.parametrize("name", sorted(set(EXACT) - {"self_guided"}))  # self_guided ranks single patches
@@ -203,8 +212,10 @@ def test_mask_to_ids_with_a_known_count_reads_nothing_back_and_checks_it_on_the_
         mask_to_ids(mask, num_masked=40)
 
 
-@pytest.mark.parametrize(("name", "cell"), [(name, cell) for name in ("random", "block", "grid", "center")
-                                             for cell in (1, 2)] + [("self_guided", 1)])  # single patches only
+@pytest.mark.parametrize(
+    ("name", "cell"),
+    [(name, cell) for name in ("random", "block", "grid", "center") for cell in (1, 2)] + [("self_guided", 1)],
+)  # single patches only
 def test_strategies_state_their_exact_count_without_drawing(name, cell):
     """``strategy.count(grid)`` is what every drawn row masks (None where counts vary): what token-dropping
     encoders use instead of reading the mask back."""

@@ -31,27 +31,51 @@ def official_state_dict(decoder=True, seed=0, dim=D, depth=DEPTH):
         return torch.randn(*shape, generator=g) * s
 
     def block(name, d, hidden):
-        sd.update({
-            f"{name}.norm1.weight": 1 + r(d), f"{name}.norm1.bias": r(d),
-            f"{name}.attn.qkv.weight": r(3 * d, d), f"{name}.attn.qkv.bias": r(3 * d),
-            f"{name}.attn.proj.weight": r(d, d), f"{name}.attn.proj.bias": r(d),
-            f"{name}.norm2.weight": 1 + r(d), f"{name}.norm2.bias": r(d),
-            f"{name}.mlp.fc1.weight": r(hidden, d), f"{name}.mlp.fc1.bias": r(hidden),
-            f"{name}.mlp.fc2.weight": r(d, hidden), f"{name}.mlp.fc2.bias": r(d),
-        })
+        sd.update(
+            {
+                f"{name}.norm1.weight": 1 + r(d),
+                f"{name}.norm1.bias": r(d),
+                f"{name}.attn.qkv.weight": r(3 * d, d),
+                f"{name}.attn.qkv.bias": r(3 * d),
+                f"{name}.attn.proj.weight": r(d, d),
+                f"{name}.attn.proj.bias": r(d),
+                f"{name}.norm2.weight": 1 + r(d),
+                f"{name}.norm2.bias": r(d),
+                f"{name}.mlp.fc1.weight": r(hidden, d),
+                f"{name}.mlp.fc1.bias": r(hidden),
+                f"{name}.mlp.fc2.weight": r(d, hidden),
+                f"{name}.mlp.fc2.bias": r(d),
+            }
+        )
 
-    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, L + 1, dim, s=0.5),
-          "patch_embed.proj.weight": r(dim, C, P, P), "patch_embed.proj.bias": r(dim)}
+    sd = {
+        "cls_token": r(1, 1, dim),
+        "pos_embed": r(1, L + 1, dim, s=0.5),
+        "patch_embed.proj.weight": r(dim, C, P, P),
+        "patch_embed.proj.bias": r(dim),
+    }
     for i in range(depth):
         block(f"blocks.{i}", dim, 4 * dim)
     sd.update({"norm.weight": 1 + r(dim), "norm.bias": r(dim)})
     if decoder:
-        sd.update({"decoder_embed.weight": r(DEC_D, dim), "decoder_embed.bias": r(DEC_D),
-                   "mask_token": r(1, 1, DEC_D), "decoder_pos_embed": r(1, L + 1, DEC_D, s=0.5)})
+        sd.update(
+            {
+                "decoder_embed.weight": r(DEC_D, dim),
+                "decoder_embed.bias": r(DEC_D),
+                "mask_token": r(1, 1, DEC_D),
+                "decoder_pos_embed": r(1, L + 1, DEC_D, s=0.5),
+            }
+        )
         for i in range(DEC_DEPTH):
             block(f"decoder_blocks.{i}", DEC_D, 2 * DEC_D)
-        sd.update({"decoder_norm.weight": 1 + r(DEC_D), "decoder_norm.bias": r(DEC_D),
-                   "decoder_pred.weight": r(P * P * C, DEC_D), "decoder_pred.bias": r(P * P * C)})
+        sd.update(
+            {
+                "decoder_norm.weight": 1 + r(DEC_D),
+                "decoder_norm.bias": r(DEC_D),
+                "decoder_pred.weight": r(P * P * C, DEC_D),
+                "decoder_pred.bias": r(P * P * C),
+            }
+        )
     return sd
 
 
@@ -74,8 +98,9 @@ def noise(b=4, seed=2):
 def test_loss_and_pred_equal_official_reference(tmp_path, norm_pix_loss):
     sd = official_state_dict()
     model = mimzoo.load_official("mae", save(tmp_path, {"model": sd}), **HEADS, norm_pix_loss=norm_pix_loss)
-    assert model.hparams.encoder == dict(img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=2,
-                                         mlp_ratio=4.0, in_chans=C)
+    assert model.hparams.encoder == dict(
+        img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=2, mlp_ratio=4.0, in_chans=C
+    )
     assert model.hparams.decoder == dict(dim=DEC_D, depth=DEC_DEPTH, num_heads=2, mlp_ratio=2.0)
     x, n = images(), noise()
     ref_loss, ref_pred, ref_mask = ref.forward(sd, x, n, 2, 2, norm_pix_loss)
@@ -97,8 +122,9 @@ def test_norm_pix_loss_from_official_args_unless_overridden(tmp_path):
     opt = torch.optim.AdamW([w], betas=(0.9, 0.95))
     w.sum().backward(), opt.step()
     # a main_pretrain.py training checkpoint: everything in it must pass torch.load(weights_only=True)
-    path = save(tmp_path, {"model": sd, "optimizer": opt.state_dict(), "epoch": 3, "scaler": {"scale": 65536.0},
-                           "args": args})
+    path = save(
+        tmp_path, {"model": sd, "optimizer": opt.state_dict(), "epoch": 3, "scaler": {"scale": 65536.0}, "args": args}
+    )
     assert load_official("mae", path, **HEADS).norm_pix_loss is False
     assert load_official("mae", path, **HEADS, norm_pix_loss=True).norm_pix_loss is True
     bare = save(tmp_path, sd, "bare.pth")  # a bare state dict: MAE's recommended default
@@ -155,14 +181,23 @@ def test_cli_import_then_export_to_timm(tmp_path, capsys):
         feats = vit.forward_features(x)
         torch.testing.assert_close(feats, model.encode(x))
         torch.testing.assert_close(feats, ref.encoder(sd, x, 2)[0], rtol=1e-5, atol=1e-5)
-    assert "mimzoo-import" in {e.name for e in entry_points(group="console_scripts")
-                               if e.value == "mimzoo.checkpoints:import_main"}
+    assert "mimzoo-import" in {
+        e.name for e in entry_points(group="console_scripts") if e.value == "mimzoo.checkpoints:import_main"
+    }
 
 
 # --- (d) wrong files fail with a message that names the problem ---------------------------------
 def test_timm_classifier_is_rejected_naming_its_head(tmp_path, capsys):
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=P, embed_dim=D,
-                            depth=1, num_heads=2, num_classes=10)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=IMG,
+        patch_size=P,
+        embed_dim=D,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+    )
     with pytest.raises(ValueError, match=r"unexpected keys \(2\): head.bias, head.weight(.|\n)*Fine-tuned"):
         load_official("mae", save(tmp_path, vit.state_dict()), **HEADS)
     with pytest.raises(SystemExit) as exit_info:  # the CLI says the same, on one line, without a traceback
@@ -177,13 +212,22 @@ def test_timm_classifier_is_rejected_naming_its_head(tmp_path, capsys):
 def test_beit_like_checkpoints_are_rejected(tmp_path):
     sd = official_state_dict(decoder=False)
     beit = {k: v for k, v in sd.items() if k != "pos_embed"}  # BEiT: relative positions, no pos_embed
-    beit.update({"mask_token": torch.zeros(1, 1, D), "blocks.0.gamma_1": torch.ones(D),
-                 "blocks.0.attn.relative_position_bias_table": torch.zeros(10, 2), "lm_head.weight": torch.zeros(8, D)})
+    beit.update(
+        {
+            "mask_token": torch.zeros(1, 1, D),
+            "blocks.0.gamma_1": torch.ones(D),
+            "blocks.0.attn.relative_position_bias_table": torch.zeros(10, 2),
+            "lm_head.weight": torch.zeros(8, D),
+        }
+    )
     with pytest.raises(ValueError, match=r"missing \['pos_embed'\]; unknown keys \['lm_head.weight'\]"):
         load_official("mae", save(tmp_path, {"model": beit}), **HEADS)
     beit["pos_embed"] = sd["pos_embed"]  # BEiT with absolute positions gets further, then names the rest
-    with pytest.raises(ValueError, match=r"blocks.0.attn.relative_position_bias_table, blocks.0.gamma_1(.|\n)*"
-                                         r"missing keys \(103\): decoder_blocks.0"):
+    with pytest.raises(
+        ValueError,
+        match=r"blocks.0.attn.relative_position_bias_table, blocks.0.gamma_1(.|\n)*"
+        r"missing keys \(103\): decoder_blocks.0",
+    ):
         load_official("mae", save(tmp_path, {"model": beit}), **HEADS)
 
 
@@ -214,8 +258,9 @@ def test_sincos_table_matches_spec():
     assert t.shape == (1 + h * w, dim) and torch.equal(t[0], torch.zeros(dim))
     grid = t[1:].reshape(h, w, dim)  # row-major: token n = row * w + col
     assert torch.equal(grid[:, :, : dim // 2], grid[:1, :, : dim // 2].expand(h, -1, -1))  # column only
-    assert torch.equal(grid[:, :, dim // 2:], grid[:, :1, dim // 2:].expand(-1, w, -1))  # row only
+    assert torch.equal(grid[:, :, dim // 2 :], grid[:, :1, dim // 2 :].expand(-1, w, -1))  # row only
     assert not torch.equal(grid[0, 0], grid[0, 1]) and not torch.equal(grid[0, 0], grid[1, 0])
+
     # By hand, width 4 per half: omega = (1, 1/100); code(t) = [sin t, sin t/100, cos t, cos t/100].
     def code(t):
         return [math.sin(t), math.sin(t / 100), math.cos(t), math.cos(t / 100)]

@@ -45,14 +45,23 @@ VARIANTS = {  # run_beit_pretraining.py flags -> VisionTransformerForMaskedImage
     # beit_base_patch16_224_pt1k_800ep: --disable_rel_pos_bias --abs_pos_emb --layer_scale_init_value 0
     "abs_pos_only": dict(use_shared_rel_pos_bias=False, use_abs_pos_emb=True, init_values=0.0),
     # the model's own use_rel_pos_bias (run_beit_pretraining.py never sets it; fine-tuned BEiTs use it)
-    "per_block_tables": dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_abs_pos_emb=False,
-                             init_values=1e-5),
+    "per_block_tables": dict(
+        use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_abs_pos_emb=False, init_values=1e-5
+    ),
 }
 
 
 def official_sd(variant="default", seed=0, vocab=VOCAB, **kw):
-    return ref.official_state_dict(img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS,
-                                   vocab_size=vocab, seed=seed, **{**VARIANTS[variant], **kw})
+    return ref.official_state_dict(
+        img_size=IMG,
+        patch_size=P,
+        embed_dim=D,
+        depth=DEPTH,
+        num_heads=HEADS,
+        vocab_size=vocab,
+        seed=seed,
+        **{**VARIANTS[variant], **kw},
+    )
 
 
 def save_model(tmp_path, sd, args=None, name="checkpoint-99.pth"):
@@ -61,10 +70,22 @@ def save_model(tmp_path, sd, args=None, name="checkpoint-99.pth"):
     opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.05, "lr_scale": 1.0}], lr=1.5e-3, betas=(0.9, 0.999))
     w.sum().backward(), opt.step()
     path = tmp_path / name
-    torch.save({"model": sd, "optimizer": opt.state_dict(), "epoch": 99,
-                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                           "_growth_tracker": 7},
-                "args": args or ref.official_args(input_size=IMG, window_size=(GRID, GRID), patch_size=(P, P))}, path)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": opt.state_dict(),
+            "epoch": 99,
+            "scaler": {
+                "scale": 65536.0,
+                "growth_factor": 2.0,
+                "backoff_factor": 0.5,
+                "growth_interval": 2000,
+                "_growth_tracker": 7,
+            },
+            "args": args or ref.official_args(input_size=IMG, window_size=(GRID, GRID), patch_size=(P, P)),
+        },
+        path,
+    )
     return path
 
 
@@ -92,10 +113,14 @@ def ours(model, x, mask):
 def test_pretraining_checkpoint_gives_the_official_logits_and_loss(tmp_path, variant):
     sd = official_sd(variant)
     assert list(sd) == ref.official_keys(DEPTH, **VARIANTS[variant])
-    args = ref.official_args(input_size=IMG, window_size=(GRID, GRID), patch_size=(P, P),
-                             layer_scale_init_value=VARIANTS[variant]["init_values"],
-                             abs_pos_emb=VARIANTS[variant]["use_abs_pos_emb"],
-                             rel_pos_bias=VARIANTS[variant]["use_shared_rel_pos_bias"])
+    args = ref.official_args(
+        input_size=IMG,
+        window_size=(GRID, GRID),
+        patch_size=(P, P),
+        layer_scale_init_value=VARIANTS[variant]["init_values"],
+        abs_pos_emb=VARIANTS[variant]["use_abs_pos_emb"],
+        rel_pos_bias=VARIANTS[variant]["use_shared_rel_pos_bias"],
+    )
     tok = FakeTokenizer()
     heads = {} if variant != "abs_pos_only" else {"encoder": {"num_heads": HEADS}}  # no table tells it
     model = load_official("beit", save_model(tmp_path, sd, args), tokenizer=tok, **heads)
@@ -109,11 +134,13 @@ def test_pretraining_checkpoint_gives_the_official_logits_and_loss(tmp_path, var
     codes = tok.tokenize(x)
     ref_loss, ref_logits, ref_acc = ref.pretraining_loss(sd, x, mask, codes, num_heads=HEADS)
     logits, loss, acc = ours(model, x, mask)
-    print(f"{variant}: loss {ref_loss.item():.4f} (other mask: "
-          f"{ref.pretraining_loss(sd, x, masks(seed=9), codes, num_heads=HEADS)[0].item():.4f}), "
-          f"max |logits| {ref_logits.abs().max().item():.1f}, "
-          f"max |logits - official| = {(logits - ref_logits).abs().max().item():.2e}, "
-          f"|loss - official| = {(loss - ref_loss).abs().item():.2e}")
+    print(
+        f"{variant}: loss {ref_loss.item():.4f} (other mask: "
+        f"{ref.pretraining_loss(sd, x, masks(seed=9), codes, num_heads=HEADS)[0].item():.4f}), "
+        f"max |logits| {ref_logits.abs().max().item():.1f}, "
+        f"max |logits - official| = {(logits - ref_logits).abs().max().item():.2e}, "
+        f"|loss - official| = {(loss - ref_loss).abs().item():.2e}"
+    )
     # float32: timm's attention (scaled_dot_product_attention) and the official explicit softmax round
     # differently (0 with a relative bias, ~2e-6 on logits of ~3 without); in float64 they are one formula
     torch.testing.assert_close(logits, ref_logits, rtol=1e-6, atol=5e-6)
@@ -162,9 +189,20 @@ def test_official_index_is_timms():
 def test_sizes_are_inferred_from_whatever_tells_them():
     sd = official_sd()
     sizes = beit_encoder_sizes(sd, "f.pth")
-    assert sizes == dict(img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS, mlp_ratio=4.0,
-                         in_chans=3, layer_scale_init=0.1, use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
-                         use_rel_pos_bias=False, global_pool="token")
+    assert sizes == dict(
+        img_size=IMG,
+        patch_size=P,
+        embed_dim=D,
+        depth=DEPTH,
+        num_heads=HEADS,
+        mlp_ratio=4.0,
+        in_chans=3,
+        layer_scale_init=0.1,
+        use_abs_pos_emb=False,
+        use_shared_rel_pos_bias=True,
+        use_rel_pos_bias=False,
+        global_pool="token",
+    )
     no_index = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}  # the table alone
     assert beit_encoder_sizes(no_index, "f.pth")["img_size"] == IMG
     nothing = {k: v for k, v in no_index.items() if "relative_position" not in k}  # no position tensor at all
@@ -215,8 +253,12 @@ def test_without_a_tokenizer_the_module_is_encoder_only(tmp_path):
     with torch.no_grad():
         logits = model.head(model.encode(x, mask)[:, 1:][mask])
         torch.testing.assert_close(logits, ref.forward(sd, x, mask, num_heads=HEADS), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(model.features(x), ref.forward_features(sd, x, torch.zeros(4, N, dtype=torch.bool),
-                                                                           num_heads=HEADS)[:, 0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            model.features(x),
+            ref.forward_features(sd, x, torch.zeros(4, N, dtype=torch.bool), num_heads=HEADS)[:, 0],
+            rtol=1e-6,
+            atol=1e-6,
+        )
     with pytest.raises(ValueError, match=r"no tokenizer .*tokenizer.kind=dvae"):
         model(x, mask=mask)
     out = tmp_path / "enc.ckpt"
@@ -228,8 +270,15 @@ def test_dalle_tokenizer_spec_problems_are_one_line(tmp_path, capsys):
     """``tokenizer.kind=dalle``: without OpenAI's package or without encoder.pkl the CLI says which."""
     src = save_model(tmp_path, official_sd())
     with pytest.raises(SystemExit) as err:
-        import_main(["beit", str(src), str(tmp_path / "out.ckpt"), "tokenizer.kind=dalle",
-                     f"tokenizer.path={tmp_path / 'nowhere'}"])
+        import_main(
+            [
+                "beit",
+                str(src),
+                str(tmp_path / "out.ckpt"),
+                "tokenizer.kind=dalle",
+                f"tokenizer.path={tmp_path / 'nowhere'}",
+            ]
+        )
     text = capsys.readouterr().err.strip()
     assert err.value.code == 2 and "\n" not in text and text.startswith("mimzoo-import: error: ")
     assert re.search(r"pip install DALL-E|no DALL-E encoder at .*encoder.pkl", text), text
@@ -237,8 +286,11 @@ def test_dalle_tokenizer_spec_problems_are_one_line(tmp_path, capsys):
 
 def test_tokenizer_must_match_the_lm_head(tmp_path):
     path = save_model(tmp_path, official_sd())
-    with pytest.raises(ValueError, match=r"lm_head predicts 16 codes but the tokenizer has 8; "
-                                         r".*discrete_vae_type=dall-e"):
+    with pytest.raises(
+        ValueError,
+        match=r"lm_head predicts 16 codes but the tokenizer has 8; "
+        r".*discrete_vae_type=dall-e",
+    ):
         load_official("beit", path, tokenizer=FakeTokenizer(num_tokens=8))
     with pytest.raises(ValueError, match=r"tokenizer grid \(4, 4\)"):
         load_official("beit", path, tokenizer=FakeTokenizer(downsample=8))
@@ -249,8 +301,16 @@ def timm_beit(seed=0, num_classes=10):
     """A random ``beit_base_patch16_224``-architecture model at our tiny size: per-block tables, layer
     scale, mean pooling with ``fc_norm``, a classifier head; tables and gammas made non-trivial."""
     torch.manual_seed(seed)
-    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=IMG, patch_size=P, embed_dim=D,
-                              depth=DEPTH, num_heads=HEADS, num_classes=num_classes).eval()
+    model = timm.create_model(
+        "beit_base_patch16_224",
+        pretrained=False,
+        img_size=IMG,
+        patch_size=P,
+        embed_dim=D,
+        depth=DEPTH,
+        num_heads=HEADS,
+        num_classes=num_classes,
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("relative_position_bias_table", "gamma_1", "gamma_2", "q_bias", "v_bias")):
@@ -308,8 +368,9 @@ def test_timm_weights_through_the_cli_serve_mimzoo_eval(tmp_path):
     ft = FineTune.from_pretrained(model, num_classes=10, mixup=0, cutmix=0)
     ft.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(ft.model.forward_head(ft.model.forward_features(x), pre_logits=True), timm_feats,
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            ft.model.forward_head(ft.model.forward_features(x), pre_logits=True), timm_feats, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_timm_weights_with_a_tokenizer_continue_pretraining(tmp_path):
@@ -329,26 +390,39 @@ def mae_checkpoint():
     return {_official_name(k): v for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("kind,message", [
-    ("mae", r"is a MAE checkpoint \(decoder_\* keys\): use `mimzoo-import mae "),
-    ("mae_encoder", r"is a plain ViT \(attn.qkv.bias.*use `mimzoo-import mae` or `mimzoo-import ibot`"),
-    ("ibot", r"is an iBOT/DINO training checkpoint .*use `mimzoo-import ibot "),
-    ("simmim", r"is a SimMIM checkpoint .*use `mimzoo-import simmim "),
-    ("noise", r"is not a checkpoint torch.load can read safely \(.*\); pass the .pth file"),
-    ("not_a_model", r"expected a state dict"),
-])
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("mae", r"is a MAE checkpoint \(decoder_\* keys\): use `mimzoo-import mae "),
+        ("mae_encoder", r"is a plain ViT \(attn.qkv.bias.*use `mimzoo-import mae` or `mimzoo-import ibot`"),
+        ("ibot", r"is an iBOT/DINO training checkpoint .*use `mimzoo-import ibot "),
+        ("simmim", r"is a SimMIM checkpoint .*use `mimzoo-import simmim "),
+        ("noise", r"is not a checkpoint torch.load can read safely \(.*\); pass the .pth file"),
+        ("not_a_model", r"expected a state dict"),
+    ],
+)
 def test_wrong_files_fail_with_one_line_naming_the_fix(tmp_path, kind, message):
     path = tmp_path / "file.pth"
     if kind == "noise":
-        path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                       dtype=torch.uint8).numpy().tobytes())
+        path.write_bytes(
+            torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+            .numpy()
+            .tobytes()
+        )
     else:
         sd = mae_checkpoint()
-        obj = {"mae": {"model": sd}, "not_a_model": {"model": {"epoch": 3}},
-               "mae_encoder": {"model": {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}},
-               "ibot": {"teacher": {}, "student": {}, "epoch": 1},
-               "simmim": {"model": {"encoder.patch_embed.proj.weight": torch.zeros(D, 3, P, P),
-                                    "decoder.0.weight": torch.zeros(48, D, 1, 1)}}}[kind]
+        obj = {
+            "mae": {"model": sd},
+            "not_a_model": {"model": {"epoch": 3}},
+            "mae_encoder": {"model": {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}},
+            "ibot": {"teacher": {}, "student": {}, "epoch": 1},
+            "simmim": {
+                "model": {
+                    "encoder.patch_embed.proj.weight": torch.zeros(D, 3, P, P),
+                    "decoder.0.weight": torch.zeros(48, D, 1, 1),
+                }
+            },
+        }[kind]
         torch.save(obj, path)
     with pytest.raises(SystemExit) as err:
         import_main(["beit", str(path), str(tmp_path / "out.ckpt")])
@@ -361,8 +435,11 @@ def test_wrong_files_fail_with_one_line_naming_the_fix(tmp_path, kind, message):
 def test_a_foreign_relative_position_index_is_refused(tmp_path):
     sd = official_sd()
     sd["rel_pos_bias.relative_position_index"] = sd["rel_pos_bias.relative_position_index"].flip(0)
-    with pytest.raises(ValueError, match=r"rel_pos_bias.relative_position_index is not the relative position index "
-                                         r"of a 8x8 patch grid"):
+    with pytest.raises(
+        ValueError,
+        match=r"rel_pos_bias.relative_position_index is not the relative position index "
+        r"of a 8x8 patch grid",
+    ):
         load_official("beit", save_model(tmp_path, sd))
 
 

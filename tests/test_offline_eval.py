@@ -7,7 +7,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,13 @@ from conftest import TINY
 from mimzoo.errors import ConfigError, MissingFileError, UserExit
 from mimzoo.offline_eval import eval_config, evaluate_sweep, main, results_path, unfinished
 
-SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-         "probe.knn.enabled=false", "recon.enabled=false"]
+SHORT = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "probe.knn.enabled=false",
+    "recon.enabled=false",
+]
 
 
 def wandb_summaries(path: Path) -> dict:
@@ -31,11 +35,11 @@ def wandb_summaries(path: Path) -> dict:
     assert data[:4] == b":W&B", path
     while pos + 7 <= len(data):
         left = block - pos % block
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
         if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
             pos += left
             continue
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = pb.Record()
@@ -64,8 +68,16 @@ def sweep(tmp_path_factory, cli):
     env_mode = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "offline"
     try:
-        cli("train", "-m", *TINY, *SHORT, "mask.ratio=0.5,0.75", "offline_eval.protocols=[knn]",
-            "offline_eval.knn=['protocol.k=5']", f"hydra.sweep.dir={root}")
+        cli(
+            "train",
+            "-m",
+            *TINY,
+            *SHORT,
+            "mask.ratio=0.5,0.75",
+            "offline_eval.protocols=[knn]",
+            "offline_eval.knn=['protocol.k=5']",
+            f"hydra.sweep.dir={root}",
+        )
     finally:
         os.environ["WANDB_MODE"] = env_mode or "disabled"
     return root
@@ -95,8 +107,13 @@ def test_sweep_command_fills_skips_redoes_and_waits_for_live_runs(sweep, tmp_pat
     lock = RunLock(copy / "1", "test").acquire()
     try:
         env = dict(os.environ, WANDB_MODE="offline")
-        proc = subprocess.run([sys.executable, "-m", "mimzoo.offline_eval", str(copy), "protocols=[knn]"],
-                              capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mimzoo.offline_eval", str(copy), "protocols=[knn]"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
     finally:
         lock.release()
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,7 +132,7 @@ def test_sweep_command_fills_skips_redoes_and_waits_for_live_runs(sweep, tmp_pat
         # An evaluation killed mid-way: no results.json, its dead lock and a half-written temp file left behind.
         results = results_path(copy / "1", "knn")
         results.unlink()
-        (results.parent / "mimzoo.lock").write_text(yaml.safe_dump({"pid": 2 ** 22 + 1, "host": os.uname().nodename}))
+        (results.parent / "mimzoo.lock").write_text(yaml.safe_dump({"pid": 2**22 + 1, "host": os.uname().nodename}))
         stale = results.parent / ".results.json.mimzoo-tmp-1"
         stale.write_text('{"top1": 0.')
         evaluate_sweep(copy, ["knn"], [])  # redone cleanly; the other run kept
@@ -126,7 +143,9 @@ def test_sweep_command_fills_skips_redoes_and_waits_for_live_runs(sweep, tmp_pat
         assert results_path(copy / "0", "knn").stat().st_mtime_ns == first
     finally:
         os.environ["WANDB_MODE"] = "disabled"
-    assert run_summary(copy / "1")["offline/knn_top1"] == json.loads(results_path(copy / "1", "knn").read_text())["top1"]
+    assert (
+        run_summary(copy / "1")["offline/knn_top1"] == json.loads(results_path(copy / "1", "knn").read_text())["top1"]
+    )
     # A run stopped before its max_epochs (killed, preempted) is skipped, not evaluated half-way.
     config = copy / "0" / ".hydra" / "config.yaml"
     config.write_text(config.read_text().replace("max_epochs: 1", "max_epochs: 5"))
@@ -141,11 +160,25 @@ def fake_run(root: Path, **data) -> Path:
     """A run directory as far as :func:`eval_config` reads it: ``.hydra/config.yaml`` and ``hydra.yaml``."""
     run = root / "run"
     (run / ".hydra").mkdir(parents=True)
-    cfg = {"data": {"_target_": "mimzoo.data.MIMDataModule", "name": "cifar10-mini", "root": "${oc.env:MIMZOO_DATA}",
-                    "download": False, "image_size": 32, "patch_size": 4, "batch_size": 7, "num_workers": 0,
-                    "train_aug": "mae", "crop_pct": 1.0, **data}}
+    cfg = {
+        "data": {
+            "_target_": "mimzoo.data.MIMDataModule",
+            "name": "cifar10-mini",
+            "root": "${oc.env:MIMZOO_DATA}",
+            "download": False,
+            "image_size": 32,
+            "patch_size": 4,
+            "batch_size": 7,
+            "num_workers": 0,
+            "train_aug": "mae",
+            "crop_pct": 1.0,
+            **data,
+        }
+    }
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"data": "cifar10_mini"}}}}))
+    (run / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"data": "cifar10_mini"}}}})
+    )
     return run
 
 

@@ -32,9 +32,15 @@ def test_probes_and_panels_log_through_a_trainer(tiny_mae, tmp_path):
     tiny_mae.train()
     dm = MIMDataModule(name="fake", image_size=32, batch_size=8, num_workers=0, fake_size=32, num_classes=4)
     panels = ReconstructionPanels(str(tmp_path / "recon"), num_images=4)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[OnlineKNN(k=3), OnlineLinearProbe(), panels])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[OnlineKNN(k=3), OnlineLinearProbe(), panels],
+    )
     trainer.fit(tiny_mae, datamodule=dm)
     metrics = trainer.callback_metrics
     assert 0 <= float(metrics["probe/knn_top1"]) <= 1 and 0 <= float(metrics["probe/linear_top1"]) <= 1

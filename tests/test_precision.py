@@ -16,8 +16,16 @@ def test_auto_picks_bf16_only_where_native(monkeypatch, native, expected):
     assert resolve_precision("auto", "cpu") == expected
 
 
-@pytest.mark.parametrize("given, expected", [("32-true", "32-true"), (32, "32-true"), ("bf16", "bf16-mixed"),
-                                             ("16-mixed", "16-mixed"), ("bf16-mixed", "bf16-mixed")])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("32-true", "32-true"),
+        (32, "32-true"),
+        ("bf16", "bf16-mixed"),
+        ("16-mixed", "16-mixed"),
+        ("bf16-mixed", "bf16-mixed"),
+    ],
+)
 def test_explicit_precision_is_kept(monkeypatch, given, expected):
     monkeypatch.setattr(precision, "bf16_supported", lambda device: True)
     assert resolve_precision(given, "auto") == expected
@@ -27,8 +35,9 @@ def test_cpu_bf16_detection_agrees_with_onednn():
     assert precision.bf16_supported("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-@pytest.mark.parametrize("prec, device, fused", [("bf16-mixed", "cpu", False), ("32-true", "cpu", True),
-                                                 ("bf16-mixed", "cuda", True)])
+@pytest.mark.parametrize(
+    "prec, device, fused", [("bf16-mixed", "cpu", False), ("32-true", "cpu", True), ("bf16-mixed", "cuda", True)]
+)
 def test_attention_kernel_follows_device_and_precision(tiny_mae, prec, device, fused):
     attentions = [m for m in tiny_mae.modules() if isinstance(m, Attention)]
     for m in attentions:

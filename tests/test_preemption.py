@@ -38,9 +38,16 @@ def test_sigterm_stops_at_the_step_with_a_checkpoint_and_status_143(tmp_path, ca
     dm = MIMDataModule("cifar10-mini", batch_size=32, num_workers=0, train_aug="none")
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     before = signal.getsignal(signal.SIGTERM)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[SigtermAtStep3(), Preemption(ckpt)])
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=6,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SigtermAtStep3(), Preemption(ckpt)],
+    )
     with pytest.raises(SystemExit) as stopped:
         trainer.fit(model, datamodule=dm)
     assert stopped.value.code == 128 + 15
@@ -59,8 +66,14 @@ def straight(tmp_path_factory, cli):
 def signalled_run(signame: str, run: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The run of tests/signal_at_step.py, in a session of its own (so the signal reaches its group only)."""
     cmd = [sys.executable, str(HERE / "signal_at_step.py"), *OVERRIDES, *extra, f"hydra.run.dir={run}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, start_new_session=True,
-                          env={**os.environ, "MIMZOO_SIGNAL_AT": f"{STEP}:{signame}", **(env or {})})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        start_new_session=True,
+        env={**os.environ, "MIMZOO_SIGNAL_AT": f"{STEP}:{signame}", **(env or {})},
+    )
 
 
 def assert_identical(reference: dict, resumed: dict) -> None:
@@ -88,8 +101,15 @@ def test_sigusr1_under_slurm_requeues_and_the_requeued_job_resumes_bit_identical
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (bin_dir / "scontrol").chmod(0o755)
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mimzoo", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "mimzoo",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
     run = tmp_path / "run"
     proc = signalled_run("SIGUSR1", run, env=slurm)
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -98,9 +118,13 @@ def test_sigusr1_under_slurm_requeues_and_the_requeued_job_resumes_bit_identical
     assert f"received SIGUSR1: saved a checkpoint at step {STEP} to {ckpt}; requeued SLURM job 4242" in proc.stderr
     assert load(ckpt)["global_step"] == STEP
     # SLURM starts the requeued job with the same command (no ckpt_path) and SLURM_RESTART_COUNT=1
-    requeued = subprocess.run([sys.executable, "-m", "mimzoo.train", *OVERRIDES, f"hydra.run.dir={run}"],
-                              capture_output=True, text=True, timeout=900,
-                              env={**os.environ, **slurm, "SLURM_RESTART_COUNT": "1"})
+    requeued = subprocess.run(
+        [sys.executable, "-m", "mimzoo.train", *OVERRIDES, f"hydra.run.dir={run}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **slurm, "SLURM_RESTART_COUNT": "1"},
+    )
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert_identical(straight, load(ckpt))
 

@@ -8,30 +8,38 @@ from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-import numpy as np
 from matplotlib.image import imread, imsave
 from omegaconf import OmegaConf
 
+from conftest import TINY
 from mimzoo.report import COSTS, ReportError, main, report
 from mimzoo.train import CONFIG_DIR
-from conftest import TINY
 
 CONF = Path(CONFIG_DIR)  # the packaged configs, src/mimzoo/conf
 CONSTANT = ["data=cifar10_mini", "logger=csv"]
 
 
-def make_run(root: Path, name: str, overrides: list[str], rows: list[dict] | None, max_epochs: int = 2,
-             config: dict | None = None):
+def make_run(
+    root: Path,
+    name: str,
+    overrides: list[str],
+    rows: list[dict] | None,
+    max_epochs: int = 2,
+    config: dict | None = None,
+):
     """A run dir as mimzoo-train writes it: .hydra/{overrides,config}.yaml and a sparse metrics.csv."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"trainer": {"max_epochs": max_epochs, "max_steps": -1}, **(config or {})}),
-                   run / ".hydra" / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"trainer": {"max_epochs": max_epochs, "max_steps": -1}, **(config or {})}),
+        run / ".hydra" / "config.yaml",
+    )
     if rows is not None:
         columns = ["epoch", "step", "lr-AdamW", "probe/knn_top1", "train/loss", "val/loss"]
         with (run / "metrics.csv").open("w", newline="") as f:
@@ -44,9 +52,11 @@ def curve(knn: list[float], val: list[float], train: list[float]) -> list[dict]:
     """CSVLogger-like rows: lr and train loss on their own rows, validation metrics at epoch end."""
     rows = []
     for epoch, (k, v, t) in enumerate(zip(knn, val, train)):
-        rows += [{"step": 10 * epoch, "lr-AdamW": 1e-3},
-                 {"epoch": epoch, "step": 10 * epoch + 9, "train/loss": t},
-                 {"epoch": epoch, "step": 10 * epoch + 9, "probe/knn_top1": k, "val/loss": v}]
+        rows += [
+            {"step": 10 * epoch, "lr-AdamW": 1e-3},
+            {"epoch": epoch, "step": 10 * epoch + 9, "train/loss": t},
+            {"epoch": epoch, "step": 10 * epoch + 9, "probe/knn_top1": k, "val/loss": v},
+        ]
     return rows
 
 
@@ -54,9 +64,15 @@ def curve(knn: list[float], val: list[float], train: list[float]) -> list[dict]:
 def sweep(tmp_path):
     """Four points of mask.ratio x decoder.depth, dirs numbered out of order; run 3 failed."""
     root = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
-    make_run(root, "0", CONSTANT + ["mask.ratio=0.75", "model.decoder.depth=2"], curve([0.30, 0.40], [1.0, 0.8], [1.1, 0.9]))
-    make_run(root, "1", CONSTANT + ["mask.ratio=0.25", "model.decoder.depth=2"], curve([0.50, 0.45], [0.7, 0.6], [0.8, 0.7]))
-    make_run(root, "2", CONSTANT + ["mask.ratio=0.75", "model.decoder.depth=1"], curve([0.35, 0.38], [1.2, 1.1], [1.3, 1.2]))
+    make_run(
+        root, "0", CONSTANT + ["mask.ratio=0.75", "model.decoder.depth=2"], curve([0.30, 0.40], [1.0, 0.8], [1.1, 0.9])
+    )
+    make_run(
+        root, "1", CONSTANT + ["mask.ratio=0.25", "model.decoder.depth=2"], curve([0.50, 0.45], [0.7, 0.6], [0.8, 0.7])
+    )
+    make_run(
+        root, "2", CONSTANT + ["mask.ratio=0.75", "model.decoder.depth=1"], curve([0.35, 0.38], [1.2, 1.1], [1.3, 1.2])
+    )
     make_run(root, "3", CONSTANT + ["mask.ratio=0.5", "model.decoder.depth=1"], None)
     return root
 
@@ -66,7 +82,12 @@ def test_table_values_sorting_and_swept_keys(sweep, tmp_path):
     assert result["metric"] == "probe/knn_top1" and result["x"] == "mask.ratio"
     assert result["swept"] == ["mask.ratio", "model.decoder.depth"]
     rows = result["rows"]
-    assert [(r["mask.ratio"], r["model.decoder.depth"]) for r in rows] == [("0.25", "2"), ("0.5", "1"), ("0.75", "1"), ("0.75", "2")]
+    assert [(r["mask.ratio"], r["model.decoder.depth"]) for r in rows] == [
+        ("0.25", "2"),
+        ("0.5", "1"),
+        ("0.75", "1"),
+        ("0.75", "2"),
+    ]
     assert [r["run"] for r in rows] == ["1", "3", "2", "0"]
     by_run = {r["run"]: r for r in rows}
     assert by_run["1"]["probe/knn_top1 (online)"] == 0.45 and by_run["1"]["best probe/knn_top1 (online)"] == 0.50
@@ -74,8 +95,10 @@ def test_table_values_sorting_and_swept_keys(sweep, tmp_path):
     assert by_run["3"]["probe/knn_top1 (online)"] == "" and "no metrics.csv" in by_run["3"]["note"]
     assert all(by_run[r]["note"] == "" for r in "012")
     table = result["table"]
-    assert table.splitlines()[0] == ("| run | mask.ratio | model.decoder.depth | probe/knn_top1 (online) | best "
-                                     "probe/knn_top1 (online) | val/loss | train/loss | note |")
+    assert table.splitlines()[0] == (
+        "| run | mask.ratio | model.decoder.depth | probe/knn_top1 (online) | best "
+        "probe/knn_top1 (online) | val/loss | train/loss | note |"
+    )
     assert "| 1 | 0.25 | 2 | 0.4500 | 0.5000 | 0.6000 | 0.7000 |  |" in table
     assert "Constant overrides: `data=cifar10_mini`, `logger=csv`" in table  # in the caption, not columns
     assert (tmp_path / "out" / "report.md").read_text().endswith(table)
@@ -124,7 +147,10 @@ def test_errors(sweep, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="no runs found"):
         report(tmp_path / "empty")
-    with pytest.raises(ReportError, match=r"unknown metric .probe/linear_top1.; available: lr-AdamW, probe/knn_top1, train/loss, val/loss$"):
+    with pytest.raises(
+        ReportError,
+        match=r"unknown metric .probe/linear_top1.; available: lr-AdamW, probe/knn_top1, train/loss, val/loss$",
+    ):
         report(sweep, metric="probe/linear_top1")
     with pytest.raises(ReportError, match="not a swept key; swept keys: mask.ratio, model.decoder.depth"):
         report(sweep, x="data")
@@ -193,13 +219,25 @@ def test_knn_queries_follow_limit_val_batches(monkeypatch):
     from mimzoo.eval import online
 
     data = TensorDataset(torch.randn(40, 3), torch.arange(40) % 2)
-    dm = SimpleNamespace(num_classes=2, bank_dataloader=lambda: DataLoader(data, batch_size=4),
-                         val_dataloader=lambda: DataLoader(data, batch_size=4))
-    module = SimpleNamespace(training=False, device=torch.device("cpu"), features=lambda x: x,
-                             eval=lambda: None, train=lambda mode: None, log=lambda *a, **k: None)
+    dm = SimpleNamespace(
+        num_classes=2,
+        bank_dataloader=lambda: DataLoader(data, batch_size=4),
+        val_dataloader=lambda: DataLoader(data, batch_size=4),
+    )
+    module = SimpleNamespace(
+        training=False,
+        device=torch.device("cpu"),
+        features=lambda x: x,
+        eval=lambda: None,
+        train=lambda mode: None,
+        log=lambda *a, **k: None,
+    )
     seen = []
-    monkeypatch.setattr(online, "knn_predict", lambda bank, by, queries, c, *a: seen.append(len(queries)) or
-                        torch.zeros(len(queries), c))
+    monkeypatch.setattr(
+        online,
+        "knn_predict",
+        lambda bank, by, queries, c, *a: seen.append(len(queries)) or torch.zeros(len(queries), c),
+    )
     for limit, queries in ((3, 12), (10, 40)):  # 10 = all batches: no limit
         trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, datamodule=dm, num_val_batches=[limit])
         online.OnlineKNN(k=2).on_validation_epoch_end(trainer, module)
@@ -214,9 +252,20 @@ def paper_block(preset: str) -> dict:
 
 def cost(**changes) -> dict:
     """A cost.json as the training callback writes it (the contract's keys and types)."""
-    base = {"wall_clock_s": 120.0, "train_images_per_s": 850.5, "gflops_per_image": 1.25, "peak_memory_mb": 2048.0,
-            "memory_kind": "cpu_max_rss", "params": 5_500_000, "encoder_params": 5_000_000, "epochs": 2,
-            "steps": 20, "images_seen": 1280, "device": "cpu", "precision": "bf16-mixed"}
+    base = {
+        "wall_clock_s": 120.0,
+        "train_images_per_s": 850.5,
+        "gflops_per_image": 1.25,
+        "peak_memory_mb": 2048.0,
+        "memory_kind": "cpu_max_rss",
+        "params": 5_500_000,
+        "encoder_params": 5_000_000,
+        "epochs": 2,
+        "steps": 20,
+        "images_seen": 1280,
+        "device": "cpu",
+        "precision": "bf16-mixed",
+    }
     return {**base, **changes}
 
 
@@ -225,8 +274,9 @@ def test_paper_and_cost_columns(tmp_path):
 
     paper = {"paper": paper_block("mae_decoder_depth")}
     for name, depth in (("0", 4), ("1", 1), ("2", 2)):
-        make_run(tmp_path, name, [f"model.decoder.depth={depth}"], curve([0.3], [1.0], [1.0]), max_epochs=1,
-                 config=paper)
+        make_run(
+            tmp_path, name, [f"model.decoder.depth={depth}"], curve([0.3], [1.0], [1.0]), max_epochs=1, config=paper
+        )
     (tmp_path / "1" / "cost.json").write_text(json.dumps(cost()))
     (tmp_path / "2" / "cost.json").write_text(json.dumps(cost(wall_clock_s=60.0, gflops_per_image=None)))
     result = report(tmp_path)
@@ -238,8 +288,12 @@ def test_paper_and_cost_columns(tmp_path):
     assert header.index(lin) < header.index("probe/knn_top1 (online)")  # the paper's columns before the online probes
     assert rows["1"]["wall-clock (min)"] == 2.0 and rows["2"]["wall-clock (min)"] == 1.0
     assert rows["1"]["params (M)"] == pytest.approx(5.5) and rows["1"]["encoder params (M)"] == pytest.approx(5.0)
-    assert (rows["1"]["img/s"], rows["1"]["peak memory (MB)"], rows["1"]["epochs"], rows["1"]["images seen"]) == \
-        (850.5, 2048.0, 2, 1280)
+    assert (rows["1"]["img/s"], rows["1"]["peak memory (MB)"], rows["1"]["epochs"], rows["1"]["images seen"]) == (
+        850.5,
+        2048.0,
+        2,
+        1280,
+    )
     assert rows["1"]["GFLOPs/img (train step)"] == 1.25 and rows["2"]["GFLOPs/img (train step)"] == ""  # compiled
     assert rows["4"]["wall-clock (min)"] == ""  # no cost.json (yet): the cell stays empty
     assert "| 1 | 1 | 0.6550 | 0.8480 |" in result["table"]
@@ -261,15 +315,19 @@ def test_paper_rows_match_overrides_and_config(tmp_path):
     make_run(tmp_path, "4", ["mask=grid"], curve([0.3], [1.0], [1.0]), max_epochs=1, config=config)
     lin = "linear top-1 (paper: MAE Table 1f, ViT-L/16, IN-1K, 800 ep)"
     rows = {r["run"]: r[lin] for r in report(tmp_path)["rows"]}
-    assert rows == {"0": pytest.approx(0.639), "1": pytest.approx(0.723), "2": pytest.approx(0.735), "3": "",
-                    "4": pytest.approx(0.66)}
+    assert rows == {
+        "0": pytest.approx(0.639),
+        "1": pytest.approx(0.723),
+        "2": pytest.approx(0.735),
+        "3": "",
+        "4": pytest.approx(0.66),
+    }
 
 
 def test_a_key_left_at_its_default_shows_the_default(tmp_path):
     """A second seed added to a sweep by one override: the runs without it show their config's seed, 0."""
     make_run(tmp_path, "0", ["mask.ratio=0.75"], curve([0.3], [1.0], [1.0]), max_epochs=1, config={"seed": 0})
-    make_run(tmp_path, "1", ["mask.ratio=0.75", "seed=1"], curve([0.4], [1.0], [1.0]), max_epochs=1,
-             config={"seed": 1})
+    make_run(tmp_path, "1", ["mask.ratio=0.75", "seed=1"], curve([0.4], [1.0], [1.0]), max_epochs=1, config={"seed": 1})
     assert {r["run"]: r["seed"] for r in report(tmp_path)["rows"]} == {"0": "0", "1": "1"}
 
 
@@ -285,12 +343,15 @@ def test_paper_table_given_on_the_command_line(tmp_path, capsys):
     assert "mae_fig5" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("block,message", [
-    ({"rows": []}, "needs label:"),
-    ({"label": "T", "rows": [{"linear": 70.0}]}, "each paper: row needs where:"),
-    ({"label": "T", "rows": [{"where": {"mask.ratio": 0.75}, "lin": 70.0}]}, r"unknown protocols \['lin'\]"),
-    ({"label": "T", "rows": [{"where": {"mask.ratio": 0.75}, "linear": 735}]}, "in percent"),
-])
+@pytest.mark.parametrize(
+    "block,message",
+    [
+        ({"rows": []}, "needs label:"),
+        ({"label": "T", "rows": [{"linear": 70.0}]}, "each paper: row needs where:"),
+        ({"label": "T", "rows": [{"where": {"mask.ratio": 0.75}, "lin": 70.0}]}, r"unknown protocols \['lin'\]"),
+        ({"label": "T", "rows": [{"where": {"mask.ratio": 0.75}, "linear": 735}]}, "in percent"),
+    ],
+)
 def test_bad_paper_block(tmp_path, block, message):
     make_run(tmp_path, "0", ["mask.ratio=0.75"], curve([0.3], [1.0], [1.0]), max_epochs=1, config={"paper": block})
     with pytest.raises(ReportError, match=message):
@@ -332,8 +393,12 @@ class DomTable(HTMLParser):
     def handle_endtag(self, tag):
         if self._cell and tag == self._cell[0]:
             text = "".join(self._cell[1])
-            {"th": self.header, "td": self.rows[-1] if self.rows else [], "figcaption": self.captions,
-             "p": self.paragraphs}[tag].append(text)
+            {
+                "th": self.header,
+                "td": self.rows[-1] if self.rows else [],
+                "figcaption": self.captions,
+                "p": self.paragraphs,
+            }[tag].append(text)
             self._cell = None
 
     def handle_data(self, data):
@@ -354,10 +419,26 @@ def render(page: Path, tmp_path: Path) -> DomTable:
         pytest.skip("chromium is not installed (apt-get install -y chromium; CI installs it)")
     probed = tmp_path / f"probed-{page.name}"
     probed.write_text(page.read_text().replace("</body>", LAYOUT_PROBE + "</body>"))
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1200",
-                           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000",
-                           "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--window-size=1600,1200",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "<table" in proc.stdout, proc.stderr[-2000:]
     dom = DomTable()
     dom.feed(proc.stdout)
@@ -378,11 +459,16 @@ def test_html_page_in_headless_chromium(tmp_path):
     root = tmp_path / "sweep"
     paper = {"paper": paper_block("mae_mask_ratio")}
     for name, ratio in (("0", 0.75), ("1", 0.1), ("2", 0.5)):
-        make_run(root, name, [f"mask.ratio={ratio}", "tag='<i>a&b</i>'"], curve([0.3, 0.4], [1.0, 0.9], [1.0, 0.9]),
-                 config=paper)
+        make_run(
+            root,
+            name,
+            [f"mask.ratio={ratio}", "tag='<i>a&b</i>'"],
+            curve([0.3, 0.4], [1.0, 0.9], [1.0, 0.9]),
+            config=paper,
+        )
     picture(root / "0" / "reconstructions" / "epoch_0000.png", 0.1)
-    newest = picture(root / "0" / "reconstructions" / "epoch_0001.png", 0.2)       # the newest is shown
-    informed = picture(root / "1" / "informed_masks" / "epoch_0001.png", 0.3)      # SG-MAE's panel wins
+    newest = picture(root / "0" / "reconstructions" / "epoch_0001.png", 0.2)  # the newest is shown
+    informed = picture(root / "1" / "informed_masks" / "epoch_0001.png", 0.3)  # SG-MAE's panel wins
     picture(root / "1" / "reconstructions" / "epoch_0001.png", 0.4)
     (root / "0" / "cost.json").write_text(json.dumps(cost()))
     result = report(root, out=tmp_path / "out")
@@ -390,11 +476,23 @@ def test_html_page_in_headless_chromium(tmp_path):
     assert "http" not in page.read_text().replace("http-equiv", "")  # nothing fetched from the network
     dom = render(page, tmp_path)
     paper_lin = "linear top-1 (paper: MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text))"
-    assert dom.header == ["run", "mask.ratio", paper_lin, "probe/knn_top1 (online)", "best probe/knn_top1 (online)",
-                          "val/loss", "train/loss", *[name for name, _ in COSTS.values()], "note"]
+    assert dom.header == [
+        "run",
+        "mask.ratio",
+        paper_lin,
+        "probe/knn_top1 (online)",
+        "best probe/knn_top1 (online)",
+        "val/loss",
+        "train/loss",
+        *[name for name, _ in COSTS.values()],
+        "note",
+    ]
     body = [dict(zip(dom.header, row)) for row in dom.rows if row]
-    assert [(r["run"], r["mask.ratio"], r[paper_lin]) for r in body] == [("1", "0.1", "0.5460"), ("2", "0.5", ""),
-                                                                        ("0", "0.75", "0.7350")]
+    assert [(r["run"], r["mask.ratio"], r[paper_lin]) for r in body] == [
+        ("1", "0.1", "0.5460"),
+        ("2", "0.5", ""),
+        ("0", "0.75", "0.7350"),
+    ]
     assert body[2]["wall-clock (min)"] == "2.0" and body[2]["params (M)"] == "5.50" and body[0]["img/s"] == ""
     # The override value '<i>a&b</i>' is text on the page (in the caption), not markup.
     assert "i" not in dom.tags and "`tag='<i>a&b</i>'`" in dom.paragraphs[0]
@@ -402,8 +500,10 @@ def test_html_page_in_headless_chromium(tmp_path):
     plot_src, *panel_srcs = [img["src"] for img in dom.images]
     assert plot_src == "data:image/png;base64," + base64.b64encode(result["paths"]["png"].read_bytes()).decode()
     assert [base64.b64decode(src.split(",", 1)[1]) for src in panel_srcs] == [informed, newest]  # table order
-    assert dom.captions == ["mask.ratio=0.1informed_masks/epoch_0001.png",
-                            "mask.ratio=0.75reconstructions/epoch_0001.png"]
+    assert dom.captions == [
+        "mask.ratio=0.1informed_masks/epoch_0001.png",
+        "mask.ratio=0.75reconstructions/epoch_0001.png",
+    ]
     tops, lefts = zip(*(tuple(map(int, t.split(":"))) for t in dom.body["data-tiles"].split()))
     assert len(set(tops)) == 1 and lefts[0] < lefts[1]  # side by side, one tile per run
 
@@ -429,18 +529,40 @@ def evaluated_sweep(tmp_path_factory, cli):
     env_mode = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "offline"
     try:
-        cli("train", "-m", "experiment=mae_decoder_depth", *tiny, "model.decoder.depth=1,2", "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "probe.linear.enabled=false",
-            f"hydra.sweep.dir={sweep}")
+        cli(
+            "train",
+            "-m",
+            "experiment=mae_decoder_depth",
+            *tiny,
+            "model.decoder.depth=1,2",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "probe.linear.enabled=false",
+            f"hydra.sweep.dir={sweep}",
+        )
     finally:
         os.environ["WANDB_MODE"] = env_mode or "disabled"
     runs = {OmegaConf.load(d / ".hydra" / "config.yaml").model.decoder.depth: d for d in (sweep / "0", sweep / "1")}
     common = ["data=cifar10_mini", "data.num_workers=0", "logger=csv", "trainer.enable_progress_bar=false"]
-    for depth, run in runs.items():
-        cli("evaluate", "protocol=knn", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", *common,
-            f"hydra.run.dir={run / 'eval' / 'knn'}")
-    cli("evaluate", "protocol=linear", f"ckpt={runs[1] / 'checkpoints' / 'last.ckpt'}", *common, "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2", "protocol.warmup_epochs=0", f"hydra.run.dir={runs[1] / 'eval' / 'linear'}")
+    for run in runs.values():
+        cli(
+            "evaluate",
+            "protocol=knn",
+            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+            *common,
+            f"hydra.run.dir={run / 'eval' / 'knn'}",
+        )
+    cli(
+        "evaluate",
+        "protocol=linear",
+        f"ckpt={runs[1] / 'checkpoints' / 'last.ckpt'}",
+        *common,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "protocol.warmup_epochs=0",
+        f"hydra.run.dir={runs[1] / 'eval' / 'linear'}",
+    )
     return sweep, runs
 
 
@@ -455,8 +577,12 @@ def test_sweep_evaluated_reported_rendered_and_logged(evaluated_sweep, tmp_path)
         result = report(sweep, out=tmp_path / "out")  # the runs logged to W&B: so does the report, by default
     finally:
         os.environ["WANDB_MODE"] = mode or "disabled"
-    top1 = {(d, p): json.loads((run / "eval" / p / "results.json").read_text())["top1"]
-            for d, run in runs.items() for p in ("knn", "linear") if (run / "eval" / p).exists()}
+    top1 = {
+        (d, p): json.loads((run / "eval" / p / "results.json").read_text())["top1"]
+        for d, run in runs.items()
+        for p in ("knn", "linear")
+        if (run / "eval" / p).exists()
+    }
     assert result["metric"] == "eval/linear_top1"  # an offline result is the default metric
     rows = {r["model.decoder.depth"]: r for r in result["rows"]}
     assert sorted(rows) == ["1", "2"]  # the evaluations' own Hydra dirs are not points of the sweep
@@ -479,7 +605,9 @@ def test_sweep_evaluated_reported_rendered_and_logged(evaluated_sweep, tmp_path)
     assert dom.header[:5] == ["run", "model.decoder.depth", "linear top-1 (offline)", "kNN top-1 (offline)", paper]
     assert [row[2] for row in dom.rows if row] == [f"{top1[1, 'linear']:.4f}", ""]
     assert dom.body["data-images"] == "decoded 3" and dom.captions == [
-        "model.decoder.depth=1reconstructions/epoch_0000.png", "model.decoder.depth=2reconstructions/epoch_0000.png"]
+        "model.decoder.depth=1reconstructions/epoch_0000.png",
+        "model.decoder.depth=2reconstructions/epoch_0000.png",
+    ]
     # W&B: the report's offline run sits in the runs' group and holds the same table and the plot.
     logged = result["wandb"]
     assert logged["mode"] == "offline" and logged["group"] == str(sweep).replace("/", "_")
@@ -489,17 +617,22 @@ def test_sweep_evaluated_reported_rendered_and_logged(evaluated_sweep, tmp_path)
     assert logged["group"].encode() in next(wandb_run.glob("run-*.wandb")).read_bytes()
     table = json.loads(next(wandb_run.glob("files/media/table/report/table_*.table.json")).read_text())
     assert table["columns"] == [c.strip("| ") for c in header]
-    assert [row[:4] for row in table["data"]] == [[runs[1].name, "1", top1[1, "linear"], top1[1, "knn"]],
-                                                  [runs[2].name, "2", None, top1[2, "knn"]]]
+    assert [row[:4] for row in table["data"]] == [
+        [runs[1].name, "1", top1[1, "linear"], top1[1, "knn"]],
+        [runs[2].name, "2", None, top1[2, "knn"]],
+    ]
     plot = next(wandb_run.glob("files/media/images/report/plot_*.png"))
     assert imread(plot).shape == imread(result["paths"]["png"]).shape
 
 
-@pytest.mark.parametrize("group,mode,expected", [
-    (None, "MULTIRUN", "multirun_mae_mask_ratio_2025-01-01_12-00-00"),  # the sweep dir as written, relative
-    ("mine", "MULTIRUN", "mine"),                                       # logger.wandb.group wins
-    (None, "RUN", None),                                                # a single run has no group
-])
+@pytest.mark.parametrize(
+    "group,mode,expected",
+    [
+        (None, "MULTIRUN", "multirun_mae_mask_ratio_2025-01-01_12-00-00"),  # the sweep dir as written, relative
+        ("mine", "MULTIRUN", "mine"),  # logger.wandb.group wins
+        (None, "RUN", None),  # a single run has no group
+    ],
+)
 def test_sweep_group_as_training_named_it(tmp_path, group, mode, expected):
     """The group build_loggers gave a run whose sweep dir was relative and held ${now:...} (not resolvable later)."""
     from mimzoo.report import sweep_group
@@ -507,10 +640,22 @@ def test_sweep_group_as_training_named_it(tmp_path, group, mode, expected):
     cwd = tmp_path / "launch"
     run = cwd / "multirun" / "mae_mask_ratio" / "2025-01-01_12-00-00" / "3"
     make_run(run.parent, run.name, ["mask.ratio=0.5"], None, config={"logger": {"wandb": {"group": group}}})
-    OmegaConf.save(OmegaConf.create({"hydra": {
-        "mode": mode, "job": {"num": 3}, "runtime": {"output_dir": str(run), "cwd": str(cwd)},
-        "sweep": {"dir": "multirun/${hydra.runtime.choices.experiment}/${now:%Y-%m-%d}_${now:%H-%M-%S}",
-                  "subdir": "${hydra.job.num}"}}}), run / ".hydra" / "hydra.yaml")
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "hydra": {
+                    "mode": mode,
+                    "job": {"num": 3},
+                    "runtime": {"output_dir": str(run), "cwd": str(cwd)},
+                    "sweep": {
+                        "dir": "multirun/${hydra.runtime.choices.experiment}/${now:%Y-%m-%d}_${now:%H-%M-%S}",
+                        "subdir": "${hydra.job.num}",
+                    },
+                }
+            }
+        ),
+        run / ".hydra" / "hydra.yaml",
+    )
     assert sweep_group(run) == expected
 
 
@@ -524,13 +669,16 @@ def test_wandb_off_when_disabled_or_unconfigured(tmp_path):
         report(tmp_path / "b", wandb=True)
 
 
-@pytest.mark.parametrize("preset,label,rows", [
-    ("mae_decoder_depth", "MAE Table 1a, ViT-L/16, IN-1K, 800 ep", 5),
-    ("mae_mask_type", "MAE Table 1f, ViT-L/16, IN-1K, 800 ep", 4),
-    ("mae_mask_ratio", "MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text)", 2),
-    ("mae_mask_ratio_cpu", "MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text)", 2),
-    ("compare_cifar", "IN-1K headlines, ViT-B size, 400-1600 ep", 4),
-])
+@pytest.mark.parametrize(
+    "preset,label,rows",
+    [
+        ("mae_decoder_depth", "MAE Table 1a, ViT-L/16, IN-1K, 800 ep", 5),
+        ("mae_mask_type", "MAE Table 1f, ViT-L/16, IN-1K, 800 ep", 4),
+        ("mae_mask_ratio", "MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text)", 2),
+        ("mae_mask_ratio_cpu", "MAE Fig. 5, ViT-L/16, IN-1K, 800 ep (two points stated in the text)", 2),
+        ("compare_cifar", "IN-1K headlines, ViT-B size, 400-1600 ep", 4),
+    ],
+)
 def test_presets_carry_their_paper_table(preset, label, rows):
     """The presets that reproduce a paper table bring its numbers (conf/paper/), in a form the report reads."""
     from mimzoo.report import Run, read_paper
@@ -566,7 +714,13 @@ def test_a_method_this_environment_cannot_import_is_still_reported(tmp_path):
     """The report reads files: a run of a user's own method (its module not on the path here) is a point of the
     sweep, while a run of a method without features (the dVAE) is a prerequisite stage."""
     for name, target in (("0", "my_lab.methods.MyMIM"), ("1", "mimzoo.methods.dvae.DVAE")):
-        make_run(tmp_path, name, CONSTANT + [f"model={name}"], curve([0.3], [1.0], [1.0]), max_epochs=1,
-                 config={"model": {"_target_": target}})
+        make_run(
+            tmp_path,
+            name,
+            CONSTANT + [f"model={name}"],
+            curve([0.3], [1.0], [1.0]),
+            max_epochs=1,
+            config={"model": {"_target_": target}},
+        )
     notes = {row["run"]: row["note"] for row in report(tmp_path, metric="val/loss")["rows"]}
     assert notes == {"0": "", "1": "prerequisite stage (no encoder to evaluate)"}

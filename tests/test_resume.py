@@ -22,12 +22,28 @@ from conftest import TINY, TINY_IBOT
 HERE = Path(__file__).parent
 
 # Two epochs of four batches of 64 (cifar10-mini), one validation batch per epoch, a row per step in metrics.csv.
-COMMON = ["logger=csv", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
-          "trainer.log_every_n_steps=1", "probe.knn.enabled=false", "recon.enabled=false"]
+COMMON = [
+    "logger=csv",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "probe.knn.enabled=false",
+    "recon.enabled=false",
+]
 TINY_CONVMAE = [o for o in TINY if not o.startswith("model/encoder=")] + ["model=convmae", "model/convmae_encoder=test"]
-TINY_DVAE = ["model=dvae", "data=cifar10_mini", "data.batch_size=64", "data.num_workers=0",
-             "trainer.enable_progress_bar=false", "model.vae.num_tokens=64", "model.vae.hidden_dim=16",
-             "model.vae.code_dim=16", "model.vae.num_resblocks=0", "optim.lr=3e-3"]
+TINY_DVAE = [
+    "model=dvae",
+    "data=cifar10_mini",
+    "data.batch_size=64",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
+    "model.vae.num_tokens=64",
+    "model.vae.hidden_dim=16",
+    "model.vae.code_dim=16",
+    "model.vae.num_resblocks=0",
+    "optim.lr=3e-3",
+]
 
 
 def method_overrides(method: str, tokenizer: Path) -> list[str]:
@@ -40,18 +56,24 @@ def method_overrides(method: str, tokenizer: Path) -> list[str]:
         "mae_device": [*TINY, "data.loader=device"],  # whole batches augmented on the training device
         "ibot_device": [*TINY_IBOT, "data.loader=device"],
         "dvae": TINY_DVAE,
-        "beit": ["model=beit", *[o for o in TINY if not o.startswith("model.decoder")],
-                 f"model.tokenizer.ckpt={tokenizer}", "model.num_tokens=64"],
+        "beit": [
+            "model=beit",
+            *[o for o in TINY if not o.startswith("model.decoder")],
+            f"model.tokenizer.ckpt={tokenizer}",
+            "model.num_tokens=64",
+        ],
     }[method]
 
 
 METHODS = ["mae", "convmae", "simmim", "sgmae", "ibot", "dvae", "beit", "mae_device", "ibot_device"]
 STEP_CHECKPOINTS = ["checkpoint.every_n_epochs=null", "checkpoint.every_n_train_steps=2"]
-CUTS = {"epoch": (4, []),  # end of epoch 0: the epoch-end checkpoint
-        "mid": (6, []),  # batch 2 of 4 of epoch 1: the checkpoint max_steps leaves (saved by epoch-end hooks)
-        # batch 2 of 4 of epoch 1 again: a step checkpoint, and two loading workers each side of the cut (order and
-        # augmentation do not depend on them)
-        "mid-workers": (6, [*STEP_CHECKPOINTS, "data.num_workers=2"])}
+CUTS = {
+    "epoch": (4, []),  # end of epoch 0: the epoch-end checkpoint
+    "mid": (6, []),  # batch 2 of 4 of epoch 1: the checkpoint max_steps leaves (saved by epoch-end hooks)
+    # batch 2 of 4 of epoch 1 again: a step checkpoint, and two loading workers each side of the cut (order and
+    # augmentation do not depend on them)
+    "mid-workers": (6, [*STEP_CHECKPOINTS, "data.num_workers=2"]),
+}
 WORKER_CUTS = ("mae", "ibot")  # the augmentations with the most randomness: MAE's crops, iBOT's multi-crop
 
 
@@ -63,8 +85,14 @@ def tokenizer(tmp_path_factory):
     torch.manual_seed(0)
     model = DVAE(vae=dict(num_tokens=64, downsample=4, hidden_dim=16, code_dim=16, num_resblocks=0))
     path = tmp_path_factory.mktemp("dvae") / "dvae.ckpt"
-    torch.save({"mimzoo": {"method": "mimzoo.methods.dvae.DVAE"}, "hyper_parameters": dict(model.hparams),
-                "state_dict": model.state_dict()}, path)
+    torch.save(
+        {
+            "mimzoo": {"method": "mimzoo.methods.dvae.DVAE"},
+            "hyper_parameters": dict(model.hparams),
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
     return path
 
 
@@ -72,8 +100,10 @@ def run_sequence(jobs: list, timeout: float = 1200) -> None:
     cmd = [sys.executable, str(HERE / "train_sequence.py"), json.dumps(jobs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
-        pytest.fail(f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n"
-                    f"--- stderr ---\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}"
+        )
 
 
 def load(path: Path) -> dict:
@@ -145,9 +175,11 @@ def test_resume_is_bit_identical(method, tokenizer, tmp_path):
     for cut in cuts:
         step, extra = CUTS[cut]
         run = tmp_path / cut
-        jobs += [[*overrides, *extra, f"trainer.max_steps={step}", f"hydra.run.dir={run}"],
-                 {"copy": [str(run / "metrics.csv"), str(run / "metrics_first.csv")]},
-                 [*overrides, *extra, "ckpt_path=last", f"hydra.run.dir={run}"]]
+        jobs += [
+            [*overrides, *extra, f"trainer.max_steps={step}", f"hydra.run.dir={run}"],
+            {"copy": [str(run / "metrics.csv"), str(run / "metrics_first.csv")]},
+            [*overrides, *extra, "ckpt_path=last", f"hydra.run.dir={run}"],
+        ]
     run_sequence(jobs)
 
     reference = load(straight / "checkpoints" / "last.ckpt")

@@ -20,15 +20,23 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import REPO, TINY, TINY_MAE
 from mimzoo import evaluate as ev
 from mimzoo.eval.linear import LinearProbe
 from mimzoo.methods import MAE
-from mimzoo.rundir import (AtomicCheckpointIO, HistoryCSVLogger, LastCheckpoint, MetricsHistory, RunRecord,
-                           checkpoint_callbacks, claim_run_dir, experiment_changes, release_run_dir)
+from mimzoo.rundir import (
+    AtomicCheckpointIO,
+    HistoryCSVLogger,
+    LastCheckpoint,
+    MetricsHistory,
+    RunRecord,
+    checkpoint_callbacks,
+    claim_run_dir,
+    experiment_changes,
+    release_run_dir,
+)
 from mimzoo.runlock import RunDirRefused, RunLock
 from mimzoo.train import CONFIG_DIR
-
-from conftest import REPO, TINY, TINY_MAE
 
 
 def compose_train(*overrides):
@@ -110,9 +118,17 @@ def _fit_tiny_mae(tmp_path, *overrides, epochs=3):
     cfg = compose_train(*TINY, *overrides)
     torch.manual_seed(0)
     seen = LastAtEpochStart(tmp_path / "last.ckpt")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=1, limit_val_batches=0,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[*checkpoint_callbacks(cfg, tmp_path), seen], plugins=[AtomicCheckpointIO()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*checkpoint_callbacks(cfg, tmp_path), seen],
+        plugins=[AtomicCheckpointIO()],
+    )
     from mimzoo.data import MIMDataModule
 
     trainer.fit(MAE(**TINY_MAE), datamodule=MIMDataModule("fake", batch_size=8, num_workers=0))
@@ -135,8 +151,11 @@ def pretrained(tmp_path):
     """A mimzoo checkpoint of a tiny MAE, written the way mimzoo-import writes one."""
     torch.manual_seed(0)
     model = MAE(**TINY_MAE)
-    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-            "pytorch-lightning_version": L.__version__}
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": L.__version__,
+    }
     model.on_save_checkpoint(ckpt)
     path = tmp_path / "pretrain" / "last.ckpt"
     path.parent.mkdir()
@@ -146,17 +165,33 @@ def pretrained(tmp_path):
 
 def test_linear_probe_checkpoint_holds_the_head_not_the_encoder(pretrained, tmp_path):
     with initialize_config_dir(config_dir=ev.CONFIG_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=["protocol=linear", f"ckpt={pretrained}", "data=cifar10_mini",
-                                         "data.num_workers=0", "logger=csv", "trainer.accelerator=cpu",
-                                         "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
-                                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"])
+        cfg = compose(
+            "eval",
+            overrides=[
+                "protocol=linear",
+                f"ckpt={pretrained}",
+                "data=cifar10_mini",
+                "data.num_workers=0",
+                "logger=csv",
+                "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false",
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=1",
+            ],
+        )
     run_dir = tmp_path / "linear"
     ev.evaluate(cfg, run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
     assert not [k for k in saved["state_dict"] if k.startswith("backbone.")]
-    assert set(saved["state_dict"]) == {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked",
-                                        "head.1.weight", "head.1.bias"}
+    assert set(saved["state_dict"]) == {
+        "head.0.running_mean",
+        "head.0.running_var",
+        "head.0.num_batches_tracked",
+        "head.1.weight",
+        "head.1.bias",
+    }
     assert saved["linear_probe"]["backbone_ckpt"] == str(pretrained)
     assert last.stat().st_size < pretrained.stat().st_size / 4
     # Rebuilt from both files: the encoder of the pre-trained checkpoint, the trained head, the same outputs.
@@ -194,7 +229,11 @@ def test_csv_history_appends_on_resume_and_never_deletes(tmp_path):
     header, rows = _rows(tmp_path / "metrics.csv")
     assert header == ["step", "train/loss", "val/loss"]
     assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
-        ("0", "1.0", ""), ("1", "0.9", ""), ("2", "0.8", ""), ("3", "0.75", "0.7")]
+        ("0", "1.0", ""),
+        ("1", "0.9", ""),
+        ("2", "0.8", ""),
+        ("3", "0.75", "0.7"),
+    ]
     # Rows logged after the checkpoint a resume starts from are dropped (the resume logs them again).
     again = HistoryCSVLogger(str(tmp_path), resume=True)
     again.experiment.keep_rows(3)
@@ -214,11 +253,18 @@ def _fit_logged(run_dir: Path, epochs: int, ckpt_path=None):
     from mimzoo.data import MIMDataModule
 
     torch.manual_seed(0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2, limit_val_batches=1,
-                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
-                        logger=HistoryCSVLogger(str(run_dir), resume=ckpt_path is not None),
-                        callbacks=[LastCheckpoint(str(run_dir / "checkpoints")), MetricsHistory()],
-                        plugins=[AtomicCheckpointIO()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=HistoryCSVLogger(str(run_dir), resume=ckpt_path is not None),
+        callbacks=[LastCheckpoint(str(run_dir / "checkpoints")), MetricsHistory()],
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(MAE(**TINY_MAE), datamodule=MIMDataModule("fake", batch_size=8, num_workers=0), ckpt_path=ckpt_path)
 
 
@@ -233,18 +279,33 @@ def test_resume_keeps_the_rows_its_checkpoint_covers(tmp_path):
         csv.DictWriter(f, fieldnames=header).writerows([{"step": "999", "train/loss": "9"}] * 2)
     _fit_logged(tmp_path, epochs=2, ckpt_path=str(last))
     _, rows = _rows(tmp_path / "metrics.csv")
-    assert rows[:len(first)] == first and len(rows) > len(first) and "999" not in {r["step"] for r in rows}
+    assert rows[: len(first)] == first and len(rows) > len(first) and "999" not in {r["step"] for r in rows}
 
 
 # --- resumes that change the experiment ---------------------------------------------------------------
 def test_experiment_changes_are_the_guarded_keys():
-    old = {"model": {"decoder": {"dim": 32}}, "mask": {"ratio": 0.75}, "optim": {"blr": 1e-3}, "seed": 0,
-           "data": {"batch_size": 64, "num_workers": 2}, "trainer": {"max_epochs": 1, "devices": 1, "precision": "32"}}
-    new = {"model": {"decoder": {"dim": 64}, "head": {"dim": 8}}, "mask": {"ratio": 0.75}, "optim": {"blr": 2e-3},
-           "seed": 0, "data": {"batch_size": 64, "num_workers": 8},
-           "trainer": {"max_epochs": 5, "devices": 2, "precision": "bf16-mixed"}}
-    assert experiment_changes(old, new) == {"model.decoder.dim": (32, 64), "model.head.dim": ("<absent>", 8),
-                                            "optim.blr": (1e-3, 2e-3), "trainer.precision": ("32", "bf16-mixed")}
+    old = {
+        "model": {"decoder": {"dim": 32}},
+        "mask": {"ratio": 0.75},
+        "optim": {"blr": 1e-3},
+        "seed": 0,
+        "data": {"batch_size": 64, "num_workers": 2},
+        "trainer": {"max_epochs": 1, "devices": 1, "precision": "32"},
+    }
+    new = {
+        "model": {"decoder": {"dim": 64}, "head": {"dim": 8}},
+        "mask": {"ratio": 0.75},
+        "optim": {"blr": 2e-3},
+        "seed": 0,
+        "data": {"batch_size": 64, "num_workers": 8},
+        "trainer": {"max_epochs": 5, "devices": 2, "precision": "bf16-mixed"},
+    }
+    assert experiment_changes(old, new) == {
+        "model.decoder.dim": (32, 64),
+        "model.head.dim": ("<absent>", 8),
+        "optim.blr": (1e-3, 2e-3),
+        "trainer.precision": ("32", "bf16-mixed"),
+    }
 
 
 def _launch(run_dir: Path, overrides: list[str], resume: bool):
@@ -275,8 +336,9 @@ def test_resume_record_refuses_changes_unless_allowed(tmp_path):
     assert (tmp_path / ".hydra" / "config.yaml").read_text() == accepted_config
     with pytest.raises(RunDirRefused, match="optim.blr"):  # allowing one key does not allow the other
         _launch(tmp_path, [*resume, "mask.ratio=0.5", "optim.blr=1e-3", "resume_allow_changes=[mask.ratio]"], True)
-    changes = _launch(tmp_path, [*resume, "mask.ratio=0.5", "optim.blr=1e-3", "resume_allow_changes=[mask,optim.blr]"],
-                      True)
+    changes = _launch(
+        tmp_path, [*resume, "mask.ratio=0.5", "optim.blr=1e-3", "resume_allow_changes=[mask,optim.blr]"], True
+    )
     assert set(changes) == {"mask.ratio", "optim.blr"}
     launches = RunRecord(tmp_path, "mimzoo-train").launches()
     assert len(launches) == 3 and launches[-1]["changes"]["mask.ratio"] == [0.75, 0.5]
@@ -326,8 +388,12 @@ def test_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path, caplog):
 
 
 # --- end to end through mimzoo-train / mimzoo-eval ----------------------------------------------------------
-SHORT = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
-         "recon.enabled=false"]
+SHORT = [
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "recon.enabled=false",
+]
 
 
 def _shape(rows):
@@ -345,7 +411,7 @@ def test_resume_keeps_history_and_refuses_a_changed_experiment(tmp_path, cli, mo
     proc = cli("train", *TINY, *SHORT, "trainer.max_epochs=2", f"hydra.run.dir={run}", "ckpt_path=last")
     assert "previous log files" not in proc.stderr.lower()
     header, rows = _rows(run / "metrics.csv")
-    assert rows[:len(first_rows)] == first_rows and len(rows) > len(first_rows)
+    assert rows[: len(first_rows)] == first_rows and len(rows) > len(first_rows)
     assert {r["epoch"] for r in rows} >= {"0", "1"}
     # The same rows, in the same order, as a run of two epochs straight (values aside: exact resume is not this test's).
     cli("train", *TINY, *SHORT, "trainer.max_epochs=2", "logger=csv", f"hydra.run.dir={straight}")
@@ -363,8 +429,9 @@ def test_resume_keeps_history_and_refuses_a_changed_experiment(tmp_path, cli, mo
     changed = [o for o in TINY if not o.startswith("model.decoder.dim")] + ["model.decoder.dim=64", "mask.ratio=0.5"]
     config_before = (run / ".hydra" / "config.yaml").read_text()
     ckpt_before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    proc = cli("train", *changed, *SHORT, "trainer.max_epochs=3", f"hydra.run.dir={run}", "ckpt_path=last",
-               expect_ok=False)
+    proc = cli(
+        "train", *changed, *SHORT, "trainer.max_epochs=3", f"hydra.run.dir={run}", "ckpt_path=last", expect_ok=False
+    )
     assert "refusing to resume" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
     assert "mask.ratio: 0.75 -> 0.5" in proc.stderr and "model.decoder.dim: 32 -> 64" in proc.stderr
     assert "resume_allow_changes=[mask.ratio,model.decoder.dim]" in proc.stderr
@@ -374,8 +441,16 @@ def test_resume_keeps_history_and_refuses_a_changed_experiment(tmp_path, cli, mo
     assert (run / ".hydra" / "config.yaml").read_text() == config_before
     assert (run / ".hydra" / "overrides.yaml").read_text() == first_overrides
     # Allowed on purpose: the run goes on with the new mask ratio, and the record says so.
-    cli("train", *TINY, *SHORT, "mask.ratio=0.5", "resume_allow_changes=[mask.ratio]", "trainer.max_epochs=3",
-        f"hydra.run.dir={run}", "ckpt_path=last")
+    cli(
+        "train",
+        *TINY,
+        *SHORT,
+        "mask.ratio=0.5",
+        "resume_allow_changes=[mask.ratio]",
+        "trainer.max_epochs=3",
+        f"hydra.run.dir={run}",
+        "ckpt_path=last",
+    )
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
     assert RunRecord(run, "mimzoo-train").launches()[-1]["changes"] == {"mask.ratio": [0.75, 0.5]}
 
@@ -386,28 +461,54 @@ def test_second_run_in_a_live_run_dir_is_refused(tmp_path, cli):
     the holder's pid, and the holder's files are untouched; once it is killed, the next run takes over."""
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    first = subprocess.Popen([sys.executable, "-m", "mimzoo.train", *TINY, "trainer.max_epochs=100000", "logger=csv",
-                              "probe.knn.enabled=false", "recon.enabled=false", "trainer.limit_val_batches=0",
-                              f"hydra.run.dir={run}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mimzoo.train",
+            *TINY,
+            "trainer.max_epochs=100000",
+            "logger=csv",
+            "probe.knn.enabled=false",
+            "recon.enabled=false",
+            "trainer.limit_val_batches=0",
+            f"hydra.run.dir={run}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         deadline = time.time() + 300
         while not (run / "mimzoo.lock").exists() or f"pid: {first.pid}\n" not in (run / "mimzoo.lock").read_text():
             assert first.poll() is None and time.time() < deadline, "the first run did not start"
             time.sleep(0.5)
         overrides = (run / ".hydra" / "overrides.yaml").read_text()
-        second = cli("train", *TINY, "trainer.max_steps=1", "logger=csv", "seed=1", f"hydra.run.dir={run}",
-                     expect_ok=False)
+        second = cli(
+            "train", *TINY, "trainer.max_steps=1", "logger=csv", "seed=1", f"hydra.run.dir={run}", expect_ok=False
+        )
         assert f"is in use by another live run (pid {first.pid} on host {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr and first.poll() is None  # the first run goes on
         assert (run / ".hydra" / "overrides.yaml").read_text() == overrides
-        evaluation = cli("evaluate", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "logger=csv", f"hydra.run.dir={run}",
-                         expect_ok=False)
+        evaluation = cli(
+            "evaluate",
+            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+            "logger=csv",
+            f"hydra.run.dir={run}",
+            expect_ok=False,
+        )
         assert f"mimzoo-eval: error: {run} is in use by another live run (pid {first.pid}" in evaluation.stderr
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    third = cli("train", *TINY, "trainer.max_steps=1", "logger=csv", "probe.knn.enabled=false", "recon.enabled=false",
-                f"hydra.run.dir={run}")
+    third = cli(
+        "train",
+        *TINY,
+        "trainer.max_steps=1",
+        "logger=csv",
+        "probe.knn.enabled=false",
+        "recon.enabled=false",
+        f"hydra.run.dir={run}",
+    )
     assert f"taking over the lock of a run that is no longer running (pid {first.pid}" in third.stdout + third.stderr
     assert not (run / "mimzoo.lock").exists()

@@ -28,19 +28,34 @@ def fit(batch_size=64, drop_last=True, optim=None, **trainer_kwargs) -> Record:
     model = MAE(**TINY_MAE, optim={"lr": 1e-3, **(optim or {})})
     dm = MIMDataModule("cifar10-mini", batch_size=batch_size, num_workers=0, train_aug="none", drop_last=drop_last)
     record = Record()
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[record], **trainer_kwargs)
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[record],
+        **trainer_kwargs,
+    )
     trainer.fit(model, datamodule=dm)
     return record
 
 
 # cifar10-mini has 512 training images
-@pytest.mark.parametrize("batch_size, drop_last, accumulate, limit, per_epoch", [
-    (64, True, 1, 1.0, 8), (96, True, 1, 1.0, 5), (96, False, 1, 1.0, 6), (96, False, 4, 1.0, 2), (64, True, 3, 4, 2),
-])
+@pytest.mark.parametrize(
+    "batch_size, drop_last, accumulate, limit, per_epoch",
+    [
+        (64, True, 1, 1.0, 8),
+        (96, True, 1, 1.0, 5),
+        (96, False, 1, 1.0, 6),
+        (96, False, 4, 1.0, 2),
+        (64, True, 3, 4, 2),
+    ],
+)
 def test_steps_per_epoch_are_the_real_optimiser_steps(batch_size, drop_last, accumulate, limit, per_epoch):
-    record = fit(batch_size, drop_last, max_epochs=7, max_steps=1, accumulate_grad_batches=accumulate,
-                 limit_train_batches=limit)
+    record = fit(
+        batch_size, drop_last, max_epochs=7, max_steps=1, accumulate_grad_batches=accumulate, limit_train_batches=limit
+    )
     assert record.per_epoch == per_epoch
     assert record.total == 7 * per_epoch  # max_steps=1 stops the run, it does not shorten the schedule
 

@@ -9,14 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY, TINY_MAE
 from mimzoo import masking
 from mimzoo.masking import ncut_bipartition
 from mimzoo.methods import SGMAE
-from mimzoo.methods.sgmae import (attention_rollout, exploit_condition, exploitation_rates, recorded_attention,
-                                  switch_epoch)
+from mimzoo.methods.sgmae import (
+    attention_rollout,
+    exploit_condition,
+    exploitation_rates,
+    recorded_attention,
+    switch_epoch,
+)
 from mimzoo.nn import patchify
-
-from conftest import TINY, TINY_MAE
 
 GRID = (8, 8)
 
@@ -82,7 +86,7 @@ def textured_images(b=8, size=3, seed=0):
     for _ in range(b):
         top, left = (int(torch.randint(1, 8 - size, (), generator=g)) for _ in range(2))
         grid = torch.zeros(8, 8, dtype=torch.bool)
-        grid[top:top + size, left:left + size] = True
+        grid[top : top + size, left : left + size] = True
         pix = grid.repeat_interleave(4, 0).repeat_interleave(4, 1)
         images.append(torch.where(pix, obj_texture, background) + 0.2 * torch.randn(3, 32, 32, generator=g))
         objects.append(grid.flatten())
@@ -118,7 +122,8 @@ def test_object_larger_than_background_needs_the_corner_check():
 def test_hints_reveal_object_patches_and_keep_the_count():
     images, objects = textured_images()
     out = masking.build("self_guided", hint_ratio=0.1, hint_select="high_score").build(
-        GRID, torch.Generator().manual_seed(0), features=pixel_features(images))
+        GRID, torch.Generator().manual_seed(0), features=pixel_features(images)
+    )
     assert (out.hints.sum(1) == 5).all() and not (out.hints & out.mask).any()  # round(0.1 * 48) revealed
     assert (out.hints <= objects).all() and (out.mask | out.hints | ~objects).all()
     assert (out.mask.sum(1) == 48).all()
@@ -129,8 +134,9 @@ def test_hints_reveal_object_patches_and_keep_the_count():
 @pytest.mark.parametrize("hint_remask", ["random", "next_rank"])
 @pytest.mark.parametrize("ratio,hint_ratio", [(0.75, 0.0), (0.75, 0.1), (0.75, 1.0), (0.5, 0.25), (0.9, 0.5)])
 def test_exact_masked_count(fill, hint_select, hint_remask, ratio, hint_ratio):
-    strategy = masking.build("self_guided", ratio=ratio, fill=fill, hint_ratio=hint_ratio, hint_select=hint_select,
-                             hint_remask=hint_remask)
+    strategy = masking.build(
+        "self_guided", ratio=ratio, fill=fill, hint_ratio=hint_ratio, hint_select=hint_select, hint_remask=hint_remask
+    )
     features = torch.randn(6, 64, 16, generator=torch.Generator().manual_seed(1))
     features[0] = 1.0  # a degenerate image (random fallback) in the batch too
     out = strategy.build(GRID, torch.Generator().manual_seed(0), features=features)
@@ -161,11 +167,15 @@ def test_registry_call_convention_and_clear_errors():
     assert "self_guided" in masking.available()
     strategy = masking.build("self_guided")
     features = torch.randn(2, 64, 8)
-    assert torch.equal(strategy(2, GRID, torch.Generator().manual_seed(0), features=features),
-                       strategy.build(GRID, torch.Generator().manual_seed(0), features=features).mask)
+    assert torch.equal(
+        strategy(2, GRID, torch.Generator().manual_seed(0), features=features),
+        strategy.build(GRID, torch.Generator().manual_seed(0), features=features).mask,
+    )
     e = F.normalize(features, dim=-1)
-    assert torch.equal(strategy(2, GRID, torch.Generator().manual_seed(0), similarity=e @ e.mT),
-                       strategy(2, GRID, torch.Generator().manual_seed(0), features=features))
+    assert torch.equal(
+        strategy(2, GRID, torch.Generator().manual_seed(0), similarity=e @ e.mT),
+        strategy(2, GRID, torch.Generator().manual_seed(0), features=features),
+    )
     plain = strategy.build(GRID, torch.Generator().manual_seed(0), batch_size=3)  # the registry's plain call:
     assert plain.fallback.all() and (plain.mask.sum(1) == 48).all()  # nothing to inform it, random and counted
     assert torch.equal(strategy(3, GRID, torch.Generator().manual_seed(0)), plain.mask)
@@ -218,8 +228,14 @@ def test_feature_pass_runs_in_inference_mode_under_the_runs_autocast_with_the_sa
     model.encoder.eval()
     with torch.no_grad():  # the pass as it was: no_grad, eval mode
         depth = len(model.encoder.blocks)
-        before = model.encoder.forward_intermediates(images, indices=[emb_layer % depth], norm=emb_layer == -1,
-                                                     stop_early=True, output_fmt="NLC", intermediates_only=True)[0]
+        before = model.encoder.forward_intermediates(
+            images,
+            indices=[emb_layer % depth],
+            norm=emb_layer == -1,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )[0]
     model.encoder.train()
     assert torch.equal(features, before)
     for seed in range(3):
@@ -272,11 +288,15 @@ def attention(rows):
 
 
 MASK = torch.tensor([[True, True, True, False]])
-HAND = attention([[0.2] * 5,
-                  [0.1, 0.2, 0.3, 0.1, 0.3],   # p0: V = cls + p3 = 0.4, M = 0.6
-                  [0.0, 0.5, 0.2, 0.2, 0.1],   # p1: V = 0.1, M = 0.9
-                  [0.3, 0.1, 0.1, 0.1, 0.4],   # p2: V = 0.7, M = 0.3
-                  [0.9, 0.0, 0.0, 0.0, 0.1]])  # p3 is visible: not a query of O
+HAND = attention(
+    [
+        [0.2] * 5,
+        [0.1, 0.2, 0.3, 0.1, 0.3],  # p0: V = cls + p3 = 0.4, M = 0.6
+        [0.0, 0.5, 0.2, 0.2, 0.1],  # p1: V = 0.1, M = 0.9
+        [0.3, 0.1, 0.1, 0.1, 0.4],  # p2: V = 0.7, M = 0.3
+        [0.9, 0.0, 0.0, 0.0, 0.1],
+    ]
+)  # p3 is visible: not a query of O
 
 
 def test_exploitation_rate_matches_the_formulas():
@@ -361,9 +381,17 @@ def epoch_metrics(run_dir):
 @pytest.mark.slow
 def test_end_to_end_switch_pictures_resume_and_eval(tmp_path, cli):
     run_dir = tmp_path / "run"
-    common = [*TINY, "model=sgmae", "logger=csv", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-              "trainer.log_every_n_steps=1", "model.probe_size=64", "probe.knn.enabled=false",
-              f"hydra.run.dir={run_dir}"]
+    common = [
+        *TINY,
+        "model=sgmae",
+        "logger=csv",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "model.probe_size=64",
+        "probe.knn.enabled=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     cli("train", *common, "trainer.max_epochs=2", "model.start_epoch=1")
     metrics = epoch_metrics(run_dir)
     assert metrics[0]["sgmae/informed"] == 0.0 and metrics[1]["sgmae/informed"] == 1.0
@@ -376,16 +404,31 @@ def test_end_to_end_switch_pictures_resume_and_eval(tmp_path, cli):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert bool(ckpt["state_dict"]["sg_informed"]) and ckpt["mimzoo"]["method"] == "mimzoo.methods.sgmae.SGMAE"
     # Resume under a rule that cannot fire before epoch 100: the restored state keeps informed masking.
-    cli("train", *common, "trainer.max_epochs=3", "model.start_epoch=null", "model.fallback_fraction=null",
-        "model.exploit_k=100", "ckpt_path=last",  # a changed rule on purpose: the resume must be told so
-        "resume_allow_changes=[model.start_epoch,model.fallback_fraction,model.exploit_k]")
+    cli(
+        "train",
+        *common,
+        "trainer.max_epochs=3",
+        "model.start_epoch=null",
+        "model.fallback_fraction=null",
+        "model.exploit_k=100",
+        "ckpt_path=last",  # a changed rule on purpose: the resume must be told so
+        "resume_allow_changes=[model.start_epoch,model.fallback_fraction,model.exploit_k]",
+    )
     metrics = epoch_metrics(run_dir)
     assert metrics[2]["sgmae/informed"] == 1.0 and metrics[2]["sgmae/switch_epoch"] == 1.0
     assert "sgmae/fallback_rate" in metrics[2]
     out = tmp_path / "knn"
-    cli("evaluate", "protocol=knn", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "data=cifar10_mini",
-        "data.num_workers=0", "logger=csv", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        f"hydra.run.dir={out}")
+    cli(
+        "evaluate",
+        "protocol=knn",
+        f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "data=cifar10_mini",
+        "data.num_workers=0",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={out}",
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"] == "knn" and 0.0 <= results["top1"] <= 1.0
     import timm
@@ -396,9 +439,16 @@ def test_end_to_end_switch_pictures_resume_and_eval(tmp_path, cli):
     timm.create_model(**kwargs).load_state_dict(torch.load(tmp_path / "vit.pth"), strict=True)
 
 
-@pytest.mark.parametrize("preset,key", [
-    ("sgmae_cifar", None), ("sgmae_hint", "model.informed.hint_ratio"), ("sgmae_start_epoch", "model.start_epoch"),
-    ("sgmae_emb_layer", "model.emb_layer"), ("sgmae_mask_ratio", "mask.ratio")])
+@pytest.mark.parametrize(
+    "preset,key",
+    [
+        ("sgmae_cifar", None),
+        ("sgmae_hint", "model.informed.hint_ratio"),
+        ("sgmae_start_epoch", "model.start_epoch"),
+        ("sgmae_emb_layer", "model.emb_layer"),
+        ("sgmae_mask_ratio", "mask.ratio"),
+    ],
+)
 def test_presets_compose_into_an_sgmae(preset, key):
     from hydra import compose, initialize_config_dir
 
@@ -417,8 +467,16 @@ def test_ddp_ranks_switch_together_and_stay_identical(tmp_path):
     ranks at epoch 0, each builds informed masks from its own shard, and the weights stay identical."""
     from test_ddp import run_two_ranks
 
-    r0, r1 = run_two_ranks(tmp_path, "mae", "model=sgmae", "model.exploit_norm=raw", "model.exploit_k=1",
-                           "model.exploit_cross=false", "model.fallback_fraction=null", "model.probe_size=32")
+    r0, r1 = run_two_ranks(
+        tmp_path,
+        "mae",
+        "model=sgmae",
+        "model.exploit_norm=raw",
+        "model.exploit_k=1",
+        "model.exploit_cross=false",
+        "model.fallback_fraction=null",
+        "model.probe_size=32",
+    )
     assert not torch.equal(r0["labels"], r1["labels"])
     for r in (r0, r1):
         assert bool(r["state"]["sg_informed"]) and int(r["state"]["sg_switch_epoch"]) == 0
@@ -443,9 +501,16 @@ def test_pictures_go_to_the_run_dir_and_to_image_loggers_beside_the_reconstructi
     model = tiny_sgmae(start_epoch=1, probe_size=16, panels=dict(num_images=4))
     dm = MIMDataModule(name="fake", image_size=32, batch_size=8, num_workers=0, fake_size=32, num_classes=4)
     recon = ReconstructionPanels(str(tmp_path / "reconstructions"), num_images=4)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=ImageLogger(tmp_path), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                        callbacks=[recon])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=ImageLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[recon],
+    )
     trainer.fit(model, datamodule=dm)
     panels = [c for c in trainer.callbacks if isinstance(c, InformedMaskPanels)]
     assert len(panels) == 1 and recon in trainer.callbacks  # added by configure_callbacks, not in place of recon

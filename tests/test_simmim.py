@@ -98,8 +98,13 @@ def test_masked_pixels_never_reach_the_encoder():
 
 def test_weight_decay_spares_only_what_simmim_spares():
     model = tiny()
-    decayed = {n for g in model.param_groups(0.05) if g["weight_decay"] > 0 for n, p in model.named_parameters()
-               if any(p is q for q in g["params"])}
+    decayed = {
+        n
+        for g in model.param_groups(0.05)
+        if g["weight_decay"] > 0
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
     names = dict(model.named_parameters())
     for name, param in names.items():
         assert (name in decayed) == ref.official_decays(name, tuple(param.shape)), name
@@ -149,15 +154,30 @@ def test_train_then_evaluate_and_export_through_the_cli(tmp_path, cli):
 
     run = tmp_path / "run"
     overrides = [o for o in TINY if not o.startswith("model.decoder")]  # SimMIM has no decoder sizes
-    cli("train", "model=simmim", *overrides, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "logger=csv",
-        f"hydra.run.dir={run}")
+    cli(
+        "train",
+        "model=simmim",
+        *overrides,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+    )
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved["mimzoo"]["method"] == "mimzoo.methods.simmim.SimMIM" and saved["global_step"] == 2
     assert saved["hyper_parameters"]["mask"] == {"name": "random", "ratio": 0.6, "cell": 2}
     assert list((run / "reconstructions").glob("epoch_*.png"))
-    cli("evaluate", "protocol=knn", f"ckpt={ckpt}", "data=cifar10_mini", "data.num_workers=0", "logger=csv",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}")
+    cli(
+        "evaluate",
+        "protocol=knn",
+        f"ckpt={ckpt}",
+        "data=cifar10_mini",
+        "data.num_workers=0",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     assert (tmp_path / "eval" / "results.json").exists()
     from mimzoo.checkpoints import export_encoder
 

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import TINY
 
+
 def weights(run_dir):
     return torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
@@ -75,14 +76,23 @@ def test_resume_continues_from_last(first_run, tmp_path, cli):
     # The optimiser state was restored, not restarted: Adam's step count continues from 8.
     state = next(iter(after["optimizer_states"][0]["state"].values()))
     assert int(state["step"]) == 16
-    assert not torch.equal(before["state_dict"]["encoder.blocks.0.attn.qkv.weight"],
-                           after["state_dict"]["encoder.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(
+        before["state_dict"]["encoder.blocks.0.attn.qkv.weight"],
+        after["state_dict"]["encoder.blocks.0.attn.qkv.weight"],
+    )
 
 
 @pytest.mark.slow
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cli):
-    proc = cli("train", *TINY, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={tmp_path}", "ckpt_path=last",
-               expect_ok=False)
+    proc = cli(
+        "train",
+        *TINY,
+        "trainer.max_epochs=1",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}",
+        "ckpt_path=last",
+        expect_ok=False,
+    )
     assert proc.returncode != 0 and "hydra.run.dir=<that run dir> ckpt_path=last" in proc.stderr
 
 
@@ -103,9 +113,18 @@ def test_sweep_one_dir_per_point_and_shared_wandb_group(tmp_path, cli):
     env_mode = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "offline"
     try:
-        cli("train", "-m", *TINY, "mask.ratio=0.5,0.75", "model.decoder.depth=1,2",  # Hydra wants -m first
-            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-            "probe.knn.enabled=false", f"hydra.sweep.dir={sweep}")
+        cli(
+            "train",
+            "-m",
+            *TINY,
+            "mask.ratio=0.5,0.75",
+            "model.decoder.depth=1,2",  # Hydra wants -m first
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "probe.knn.enabled=false",
+            f"hydra.sweep.dir={sweep}",
+        )
     finally:
         os.environ["WANDB_MODE"] = env_mode or "disabled"
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -129,21 +148,29 @@ def test_sweep_one_dir_per_point_and_shared_wandb_group(tmp_path, cli):
     # The returned summary is the sweep's: its two swept keys, one row per point, each with the run's val/loss.
     assert result["metric"] == "val/loss" and set(result["swept"]) == {"mask.ratio", "model.decoder.depth"}
     rows = result["rows"]
-    assert sorted((r["mask.ratio"], r["model.decoder.depth"]) for r in rows) == [("0.5", "1"), ("0.5", "2"),
-                                                                                ("0.75", "1"), ("0.75", "2")]
+    assert sorted((r["mask.ratio"], r["model.decoder.depth"]) for r in rows) == [
+        ("0.5", "1"),
+        ("0.5", "2"),
+        ("0.75", "1"),
+        ("0.75", "2"),
+    ]
     assert all(isinstance(r["val/loss"], float) and r["note"] == "" for r in rows)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,message", [
-    ("mask.ratio=1.0", "mask ratio must lie in (0, 1)"),
-    ("model.encoder.patch_size=5", "not divisible by patch size"),
-    ("mask=nonexistent", "Could not find 'mask/nonexistent'"),
-    ("data.root=/nonexistent", "MIMZOO_DATA"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("mask.ratio=1.0", "mask ratio must lie in (0, 1)"),
+        ("model.encoder.patch_size=5", "not divisible by patch size"),
+        ("mask=nonexistent", "Could not find 'mask/nonexistent'"),
+        ("data.root=/nonexistent", "MIMZOO_DATA"),
+    ],
+)
 def test_config_errors_reach_the_user(tmp_path, cli, override, message):
-    proc = cli("train", *TINY, "trainer.max_steps=1", "logger=csv", f"hydra.run.dir={tmp_path}", override,
-               expect_ok=False)
+    proc = cli(
+        "train", *TINY, "trainer.max_steps=1", "logger=csv", f"hydra.run.dir={tmp_path}", override, expect_ok=False
+    )
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
 
 
@@ -153,8 +180,11 @@ def test_slurm_launcher_and_ddp_configs_compose():
     from mimzoo.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True,
-                      overrides=["trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2", "hydra/launcher=slurm"])
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=["trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2", "hydra/launcher=slurm"],
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
@@ -164,8 +194,15 @@ def test_slurm_launcher_and_ddp_configs_compose():
 
 @pytest.mark.slow
 def test_bf16_mixed_precision_from_config(tmp_path, cli):
-    cli("train", *TINY, "trainer.precision=bf16-mixed", "trainer.max_steps=2", "logger=csv",
-        "probe.knn.enabled=false", f"hydra.run.dir={tmp_path}")
+    cli(
+        "train",
+        *TINY,
+        "trainer.precision=bf16-mixed",
+        "trainer.max_steps=2",
+        "logger=csv",
+        "probe.knn.enabled=false",
+        f"hydra.run.dir={tmp_path}",
+    )
     ckpt = weights(tmp_path)
     assert ckpt["global_step"] == 2 and ckpt["state_dict"]["encoder.cls_token"].dtype == torch.float32
 

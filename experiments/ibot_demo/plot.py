@@ -1,6 +1,6 @@
 """Teacher entropy and KL(teacher || student) per step of the two ibot_demo runs (from their metrics.csv).
 
-    python experiments/ibot_demo/plot.py <run dir warm-up 30 epochs> <run dir warm-up 1 epoch> <out.png>
+python experiments/ibot_demo/plot.py <run dir warm-up 30 epochs> <run dir warm-up 1 epoch> <out.png>
 """
 
 import csv
@@ -20,8 +20,10 @@ def series(run_dir, key):
 
 def main(default_run, fast_run, out):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for run, label in ((default_run, "teacher temp 0.04 -> 0.07 over 30 epochs (iBOT)"),
-                       (fast_run, "... over 1 epoch (150 steps)")):
+    for run, label in (
+        (default_run, "teacher temp 0.04 -> 0.07 over 30 epochs (iBOT)"),
+        (fast_run, "... over 1 epoch (150 steps)"),
+    ):
         for ax, key in zip(axes, ("train/teacher_entropy", "train/teacher_student_kl")):
             ax.plot(*series(run, key), label=label)
     axes[0].axhline(math.log(1024), color="grey", ls="--", lw=1, label="log K (uniform teacher)")

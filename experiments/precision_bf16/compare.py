@@ -42,13 +42,24 @@ def main(fp32: str, bf16: str, out: str) -> None:
     for name, run in runs.items():
         cost = json.loads((run / "cost.json").read_text())
         last = {k: list(series(run, k).values())[-1] for k in ("train/loss", "val/loss", "probe/knn_top1")}
-        rows.append([name, f"{last['train/loss']:.4f}", f"{last['val/loss']:.4f}",
-                     f"{100 * last['probe/knn_top1']:.2f}%", f"{cost['train_images_per_s']:.0f}",
-                     f"{cost['wall_clock_s'] / 60:.1f}"])
-    table = ["| run | final train loss | final val loss | online kNN top-1 | train img/s | wall-clock (min) |",
-             "|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
-    table.append(f"\nStep-matched train loss, relative gap |fp32 - bf16| / fp32 over {len(steps)} logged steps: "
-                 f"mean {100 * sum(gaps) / len(gaps):.2f}%, max {100 * max(gaps):.2f}%.")
+        rows.append(
+            [
+                name,
+                f"{last['train/loss']:.4f}",
+                f"{last['val/loss']:.4f}",
+                f"{100 * last['probe/knn_top1']:.2f}%",
+                f"{cost['train_images_per_s']:.0f}",
+                f"{cost['wall_clock_s'] / 60:.1f}",
+            ]
+        )
+    table = [
+        "| run | final train loss | final val loss | online kNN top-1 | train img/s | wall-clock (min) |",
+        "|---|---|---|---|---|---|",
+    ] + ["| " + " | ".join(r) + " |" for r in rows]
+    table.append(
+        f"\nStep-matched train loss, relative gap |fp32 - bf16| / fp32 over {len(steps)} logged steps: "
+        f"mean {100 * sum(gaps) / len(gaps):.2f}%, max {100 * max(gaps):.2f}%."
+    )
     (out / "table.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 

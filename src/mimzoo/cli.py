@@ -12,8 +12,17 @@ import warnings
 from mimzoo.errors import ConfigError
 
 # Hydra options whose next argument is a value, not an override.
-_OPTIONS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun",
-                       "-i", "--info"}
+_OPTIONS_WITH_VALUE = {
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "--experimental-rerun",
+    "-i",
+    "--info",
+}
 _OVERRIDE = re.compile(r"(?P<key>[+~]{0,2}[A-Za-z_][\w.@/:-]*)=(?P<value>.*)", re.S)
 _GRAMMAR = set("'\"\\()[]{},$")  # values with any of these are Hydra grammar (sweeps, lists, functions, quotes)
 
@@ -59,12 +68,15 @@ def check_overrides(args: list[str]) -> None:
             key, value = match["key"], match["value"]
             if value.startswith("[") and value.endswith("]"):  # a list of overrides (offline_eval.<protocol>)
                 items = ",".join(f"'{v.strip()}'" for v in value[1:-1].split(","))
-                raise ConfigError(f"cannot parse the override {arg!r} ({str(err).splitlines()[0]}): list items holding "
-                                  f"'=' must each be quoted for Hydra, e.g. \"{key}=[{items}]\" (the double quotes "
-                                  "are for the shell)") from None
+                raise ConfigError(
+                    f"cannot parse the override {arg!r} ({str(err).splitlines()[0]}): list items holding "
+                    f"'=' must each be quoted for Hydra, e.g. \"{key}=[{items}]\" (the double quotes "
+                    "are for the shell)"
+                ) from None
             raise ConfigError(
                 f"cannot parse the override {arg!r} ({str(err).splitlines()[0]}): a value holding '=' must be quoted "
-                f"for Hydra, e.g. \"{key}='{value}'\" (the double quotes are for the shell)") from None
+                f"for Hydra, e.g. \"{key}='{value}'\" (the double quotes are for the shell)"
+            ) from None
 
 
 def prepare_argv(prog: str) -> None:
@@ -87,16 +99,19 @@ def check_cpu_devices(trainer_cfg) -> None:
     import torch
 
     accelerator, devices = str(trainer_cfg.get("accelerator", "auto")), trainer_cfg.get("devices", 1)
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
-                                      and not torch.backends.mps.is_available())
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
     if not on_cpu:
         return
     count = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else None
     cores = available_cores()
     if count is not None and count > cores:
-        raise ConfigError(f"trainer.devices={devices} starts {count} CPU training processes but this machine gives "
-                          f"the run {cores} core(s): set trainer.devices={cores} or less "
-                          "(on CPU each device is a process)")
+        raise ConfigError(
+            f"trainer.devices={devices} starts {count} CPU training processes but this machine gives "
+            f"the run {cores} core(s): set trainer.devices={cores} or less "
+            "(on CPU each device is a process)"
+        )
 
 
 def route_logs_to_job_log() -> None:

@@ -56,7 +56,7 @@ def one_line(err: BaseException) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text:
         last = text.splitlines()[-1]
         name = f"{type(err).__module__}.{type(err).__qualname__}: "
-        text = last[len(name):] if last.startswith(name) else last.split(": ", 1)[-1]
+        text = last[len(name) :] if last.startswith(name) else last.split(": ", 1)[-1]
     return " ".join(text.split())
 
 

@@ -60,18 +60,35 @@ def recipe(cfg: DictConfig) -> dict:
 
 def fit(cfg: DictConfig, module: L.LightningModule, datamodule, run_dir: Path) -> dict:
     """Train the probe or classifier, then report val top-1 of the final weights."""
-    checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), monitor="val/top1", mode="max",
-                                 save_last=True, enable_version_counter=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        monitor="val/top1",
+        mode="max",
+        save_last=True,
+        enable_version_counter=False,
+    )
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), LogIntervalFit()]
     precision = apply_precision(cfg.trainer, module)
-    trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=build_loggers(cfg, run_dir),
-                          default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    trainer = instantiate(
+        cfg.trainer,
+        precision=precision,
+        callbacks=callbacks,
+        logger=build_loggers(cfg, run_dir),
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     best = checkpoint.best_model_score
-    return dict(top1=float(final["val/top1"]), best_top1=float(best) if best is not None else None,
-                val_loss=float(final["val/loss"]), epochs=trainer.current_epoch, steps=trainer.global_step,
-                checkpoint=str(run_dir / "checkpoints" / "last.ckpt"), best_checkpoint=checkpoint.best_model_path)
+    return dict(
+        top1=float(final["val/top1"]),
+        best_top1=float(best) if best is not None else None,
+        val_loss=float(final["val/loss"]),
+        epochs=trainer.current_epoch,
+        steps=trainer.global_step,
+        checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
+        best_checkpoint=checkpoint.best_model_path,
+    )
 
 
 def run_linear(cfg, backbone, datamodule, run_dir) -> dict:
@@ -119,8 +136,15 @@ def run_knn(cfg, backbone, datamodule, run_dir) -> dict:
     for logger in build_loggers(cfg, run_dir):
         logger.log_metrics({"val/top1": top1}, step=0)
         logger.finalize("success")
-    return dict(top1=top1, epochs=0, k=k, temperature=temperature, bank_size=len(bank), num_queries=len(queries),
-                precision=precision)
+    return dict(
+        top1=top1,
+        epochs=0,
+        k=k,
+        temperature=temperature,
+        bank_size=len(bank),
+        num_queries=len(queries),
+        precision=precision,
+    )
 
 
 PROTOCOLS = {"linear": run_linear, "finetune": run_finetune, "knn": run_knn}
@@ -139,15 +163,24 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     backbone = load_backbone(ckpt)
     size = (cfg.data.image_size,) * 2
     if tuple(backbone.image_size) != size:
-        raise ConfigError(f"{ckpt} was pre-trained on {tuple(backbone.image_size)} images but data.image_size="
-                         f"{cfg.data.image_size}; set data.image_size={backbone.image_size[0]}")
+        raise ConfigError(
+            f"{ckpt} was pre-trained on {tuple(backbone.image_size)} images but data.image_size="
+            f"{cfg.data.image_size}; set data.image_size={backbone.image_size[0]}"
+        )
     datamodule = instantiate(cfg.data)
     # Lightning logs the data's and the module's hparams together: both must name the same num_classes.
     datamodule = instantiate(cfg.data, num_classes=datamodule.num_classes)
     run_dir.mkdir(parents=True, exist_ok=True)
     outcome = PROTOCOLS[name](cfg, backbone, datamodule, run_dir)
-    results = {"protocol": name, "ckpt": str(ckpt), "data": cfg.data.name, "num_classes": datamodule.num_classes,
-               **outcome, "recipe": recipe(cfg), "run_dir": str(run_dir)}
+    results = {
+        "protocol": name,
+        "ckpt": str(ckpt),
+        "data": cfg.data.name,
+        "num_classes": datamodule.num_classes,
+        **outcome,
+        "recipe": recipe(cfg),
+        "run_dir": str(run_dir),
+    }
     if rank_zero_only.rank == 0:
         out = run_dir / "results.json"
         atomic_write(out, lambda f: f.write(json.dumps(results, indent=2).encode()))  # whole, or not there

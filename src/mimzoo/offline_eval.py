@@ -16,7 +16,6 @@ own W&B run (same id, resumed) as summary key ``offline/<protocol>_top1``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -59,8 +58,10 @@ def chosen_protocols(protocols) -> list[str]:
     names = [str(p) for p in (protocols or [])]
     unknown = [p for p in names if p not in PROTOCOL_NAMES]
     if unknown:
-        raise ConfigError(f"unknown offline protocol(s) {unknown}; choose from {list(PROTOCOL_NAMES)}, "
-                          "e.g. offline_eval.protocols=[knn,linear]")
+        raise ConfigError(
+            f"unknown offline protocol(s) {unknown}; choose from {list(PROTOCOL_NAMES)}, "
+            "e.g. offline_eval.protocols=[knn,linear]"
+        )
     return names
 
 
@@ -105,11 +106,14 @@ def eval_config(run_dir: Path, protocol: str, overrides: list[str]) -> DictConfi
     try:
         cfg = _compose(head + overrides)
     except HydraException as err:
-        raise ConfigError(f"offline {protocol} evaluation of {run_dir}: {str(err).splitlines()[0]} "
-                          f"(overrides {overrides})") from None
+        raise ConfigError(
+            f"offline {protocol} evaluation of {run_dir}: {str(err).splitlines()[0]} (overrides {overrides})"
+        ) from None
     if cfg.logger.wandb.enabled:
-        raise ConfigError("offline evaluation writes its results into the pre-training run's W&B summary; drop the "
-                          f"logger override from its overrides ({overrides})")
+        raise ConfigError(
+            "offline evaluation writes its results into the pre-training run's W&B summary; drop the "
+            f"logger override from its overrides ({overrides})"
+        )
     with open_dict(cfg):
         if not own_data and "data" in train_cfg:
             trained_on = OmegaConf.to_container(train_cfg.data, resolve=True)
@@ -185,8 +189,15 @@ def record_in_wandb(run_dir: Path, train_cfg: DictConfig, summary: dict) -> None
     mode = wandb_mode(OmegaConf.to_container(wb, resolve=True)["mode"])
     if mode == "disabled":
         return
-    run = wandb.init(project=wb.project, entity=wb.entity, id=run_id, dir=str(run_dir), resume="allow", mode=mode,
-                     settings=wandb_settings(mode))
+    run = wandb.init(
+        project=wb.project,
+        entity=wb.entity,
+        id=run_id,
+        dir=str(run_dir),
+        resume="allow",
+        mode=mode,
+        settings=wandb_settings(mode),
+    )
     run.summary.update(summary)
     run.finish()
 
@@ -198,11 +209,15 @@ def find_runs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise MissingFileError(f"no such directory: {root}; pass a sweep directory, e.g. multirun/<date>/<time>")
     found = {p.parent.parent for p in root.rglob("last.ckpt") if p.parent.name == "checkpoints"}
-    runs = sorted((run for run in found if _is_training_run(run)),
-                  key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.relative_to(root).parts])
+    runs = sorted(
+        (run for run in found if _is_training_run(run)),
+        key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.relative_to(root).parts],
+    )
     if not runs:
-        raise MissingFileError(f"no runs under {root} (a run is a directory with checkpoints/last.ckpt and .hydra/, "
-                               "as `mimzoo-train -m ...` writes): pass a sweep or run directory")
+        raise MissingFileError(
+            f"no runs under {root} (a run is a directory with checkpoints/last.ckpt and .hydra/, "
+            "as `mimzoo-train -m ...` writes): pass a sweep or run directory"
+        )
     return runs
 
 
@@ -253,11 +268,16 @@ def evaluate_sweep(root: Path, protocols: list[str] | None, extra: list[str]) ->
         if not has_encoder(train_cfg):
             stages.append(run.relative_to(root).as_posix() or ".")
             continue
-        names = protocols if protocols is not None else chosen_protocols(OmegaConf.select(
-            train_cfg, "offline_eval.protocols", default=None))
+        names = (
+            protocols
+            if protocols is not None
+            else chosen_protocols(OmegaConf.select(train_cfg, "offline_eval.protocols", default=None))
+        )
         if not names:
-            raise ConfigError(f"{run} names no offline protocols (offline_eval.protocols): choose them, "
-                              "e.g. mimzoo-eval-sweep <dir> protocols=[knn,linear]")
+            raise ConfigError(
+                f"{run} names no offline protocols (offline_eval.protocols): choose them, "
+                "e.g. mimzoo-eval-sweep <dir> protocols=[knn,linear]"
+            )
         plan.append((run, train_cfg, names))
     total = sum(len(names) for _, _, names in plan)
     count, already, evaluated, skipped = 0, 0, [], []
@@ -285,7 +305,7 @@ def evaluate_sweep(root: Path, protocols: list[str] | None, extra: list[str]) ->
                 say(f"skip {name}: unfinished ({why}); resume its training first")
                 continue
 
-            def progress(protocol: str, done: bool) -> None:
+            def progress(protocol: str, done: bool, name: str = name) -> None:
                 nonlocal count, already
                 count += 1
                 already += done
@@ -296,8 +316,10 @@ def evaluate_sweep(root: Path, protocols: list[str] | None, extra: list[str]) ->
                 evaluated.append((name, protocol, result["top1"]))
         finally:
             lock.release()
-    say(f"{len(evaluated)} evaluated, {already} done already, {len(skipped)} run(s) skipped; results in "
-        "<run>/eval/<protocol>/results.json")
+    say(
+        f"{len(evaluated)} evaluated, {already} done already, {len(skipped)} run(s) skipped; results in "
+        "<run>/eval/<protocol>/results.json"
+    )
     return {"evaluated": evaluated, "skipped": skipped}
 
 
@@ -313,12 +335,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="mimzoo-eval-sweep",
         description="Evaluate every finished run below a directory with offline protocols, each into "
-                    "<run>/eval/<protocol>/results.json; pairs already evaluated are skipped, so a killed call is "
-                    "resumed by calling it again.")
+        "<run>/eval/<protocol>/results.json; pairs already evaluated are skipped, so a killed call is "
+        "resumed by calling it again.",
+    )
     parser.add_argument("dir", type=Path, help="a sweep directory (multirun/<date>/<time>) or a run directory")
-    parser.add_argument("overrides", nargs="*",
-                        help="protocols=[knn,linear] (default: each run's offline_eval.protocols), then mimzoo-eval "
-                             "overrides for every protocol, e.g. trainer.max_epochs=10 data.batch_size=128")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="protocols=[knn,linear] (default: each run's offline_eval.protocols), then mimzoo-eval "
+        "overrides for every protocol, e.g. trainer.max_epochs=10 data.batch_size=128",
+    )
     args = parser.parse_args(argv)
     silence_unactionable_warnings()
     with user_errors("mimzoo-eval-sweep"):

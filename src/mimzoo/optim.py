@@ -34,7 +34,7 @@ def steps_per_epoch(trainer: L.Trainer) -> int:
     """Optimiser steps in one real epoch: the batches the train loader gives each process per epoch (data size,
     batch size, devices, ``drop_last``, ``limit_train_batches``) over ``accumulate_grad_batches``, rounded up as
     Lightning steps. Sizes the train loader when it is not loaded yet."""
-    trainer.estimated_stepping_batches  # loads the train loader (its length) when needed
+    _ = trainer.estimated_stepping_batches  # loads the train loader (its length) when needed
     batches = trainer.num_training_batches
     if math.isfinite(batches):
         return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
@@ -57,9 +57,11 @@ def early_stop_note(trainer: L.Trainer) -> str | None:
     total = schedule_steps(trainer)
     if not 0 < trainer.max_steps < total:
         return None
-    return (f"trainer.max_steps={trainer.max_steps} stops this run early, at step {trainer.max_steps} of the {total} "
-            f"its schedules are laid out over (trainer.max_epochs={trainer.max_epochs} x {steps_per_epoch(trainer)} "
-            "steps per epoch); warm-up, cosine and the other epoch-denominated schedules keep their length")
+    return (
+        f"trainer.max_steps={trainer.max_steps} stops this run early, at step {trainer.max_steps} of the {total} "
+        f"its schedules are laid out over (trainer.max_epochs={trainer.max_epochs} x {steps_per_epoch(trainer)} "
+        "steps per epoch); warm-up, cosine and the other epoch-denominated schedules keep their length"
+    )
 
 
 class StepCosineScheduler(CosineLRScheduler):
@@ -80,8 +82,13 @@ def warmup_cosine(optimizer, trainer: L.Trainer, warmup_epochs: float, min_lr: f
     total = schedule_steps(trainer)
     warmup = min(int(round(warmup_epochs * steps_per_epoch(trainer))), max(total - 1, 0))
     scheduler = StepCosineScheduler(
-        optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup, warmup_lr_init=0.0,
-        warmup_prefix=True, t_in_epochs=False,
+        optimizer,
+        t_initial=max(total - warmup, 1),
+        lr_min=min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
     )
     return {"scheduler": scheduler, "interval": "step"}
 
@@ -90,11 +97,13 @@ def adamw_warmup_cosine(trainer: L.Trainer, param_groups, cfg: dict) -> dict:
     """Lightning optimiser config of every AdamW-trained module (pre-training, dVAE, fine-tuning):
     AdamW at ``absolute_lr`` with the per-step warm-up + cosine; weight decay comes with the groups.
     ``cfg`` holds blr, lr, betas, warmup_epochs and min_lr."""
-    trainer.estimated_stepping_batches  # loads the train loader, which the batch size may come from
+    _ = trainer.estimated_stepping_batches  # loads the train loader, which the batch size may come from
     lr = absolute_lr(trainer, cfg["blr"], cfg.get("lr"))
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg["betas"]))
-    return {"optimizer": optimizer,
-            "lr_scheduler": warmup_cosine(optimizer, trainer, cfg["warmup_epochs"], cfg["min_lr"])}
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": warmup_cosine(optimizer, trainer, cfg["warmup_epochs"], cfg["min_lr"]),
+    }
 
 
 class StepScheduledModule(L.LightningModule):

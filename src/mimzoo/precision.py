@@ -22,7 +22,9 @@ def bf16_supported(device_type: str) -> bool:
     """Native bf16 arithmetic on this device type (``cuda`` or ``cpu``)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    return device_type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (
+        device_type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def device_type(accelerator: str) -> str:
@@ -36,8 +38,9 @@ def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
     """``auto`` -> ``bf16-mixed`` where :func:`bf16_supported`, else ``32-true``; any other value is returned as
     Lightning's string (``32`` -> ``32-true``)."""
     if str(precision) != AUTO:
-        return {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}.get(str(precision),
-                                                                                             str(precision))
+        return {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}.get(
+            str(precision), str(precision)
+        )
     return "bf16-mixed" if bf16_supported(device_type(accelerator)) else "32-true"
 
 

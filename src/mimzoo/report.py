@@ -35,10 +35,16 @@ PROTOCOLS = {"linear": "linear", "finetune": "fine-tune", "knn": "kNN"}
 OFFLINE = {f"eval/{p}_top1": f"{name} top-1 (offline)" for p, name in PROTOCOLS.items()}
 DEFAULT_METRICS = (*OFFLINE, "probe/knn_top1", "probe/linear_top1", "val/loss")
 # cost.json key -> (column, scale); memory_kind, device and precision go to the caption when every run agrees.
-COSTS = {"wall_clock_s": ("wall-clock (min)", 1 / 60), "train_images_per_s": ("img/s", 1),
-         "gflops_per_image": ("GFLOPs/img (train step)", 1), "peak_memory_mb": ("peak memory (MB)", 1),
-         "params": ("params (M)", 1e-6), "encoder_params": ("encoder params (M)", 1e-6), "epochs": ("epochs", 1),
-         "images_seen": ("images seen", 1)}
+COSTS = {
+    "wall_clock_s": ("wall-clock (min)", 1 / 60),
+    "train_images_per_s": ("img/s", 1),
+    "gflops_per_image": ("GFLOPs/img (train step)", 1),
+    "peak_memory_mb": ("peak memory (MB)", 1),
+    "params": ("params (M)", 1e-6),
+    "encoder_params": ("encoder params (M)", 1e-6),
+    "epochs": ("epochs", 1),
+    "images_seen": ("images seen", 1),
+}
 COST_CONTEXT = ("memory_kind", "device", "precision")
 PANELS = ("informed_masks", "reconstructions")  # per run, the newest PNG of the first folder that has one
 NOT_METRICS = {"epoch", "step"}
@@ -51,16 +57,16 @@ class ReportError(ValueError):
 @dataclass
 class Run:
     name: str
-    overrides: dict = field(default_factory=dict)   # key -> typed value (int/float/str/bool/None)
-    shown: dict = field(default_factory=dict)       # key -> value as written on the command line
-    last: dict = field(default_factory=dict)        # metric -> last logged value
-    best: dict = field(default_factory=dict)        # metric -> best logged value
+    overrides: dict = field(default_factory=dict)  # key -> typed value (int/float/str/bool/None)
+    shown: dict = field(default_factory=dict)  # key -> value as written on the command line
+    last: dict = field(default_factory=dict)  # metric -> last logged value
+    best: dict = field(default_factory=dict)  # metric -> best logged value
     note: str = ""
-    config: dict = field(default_factory=dict)      # .hydra/config.yaml, unresolved ({} when absent)
-    cost: dict = field(default_factory=dict)        # cost.json
-    panel: Path | None = None                       # newest reconstruction / informed-mask picture
-    stage: bool = False                             # a prerequisite stage (BEiT's dVAE): no encoder, not a point
-    floor: bool = False                             # the untrained network (trainer.max_steps=0)
+    config: dict = field(default_factory=dict)  # .hydra/config.yaml, unresolved ({} when absent)
+    cost: dict = field(default_factory=dict)  # cost.json
+    panel: Path | None = None  # newest reconstruction / informed-mask picture
+    stage: bool = False  # a prerequisite stage (BEiT's dVAE): no encoder, not a point
+    floor: bool = False  # the untrained network (trainer.max_steps=0)
 
 
 def _number(text: str) -> float | None:
@@ -148,8 +154,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ReportError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); delete it and re-run what "
-                          "wrote it") from None
+        raise ReportError(
+            f"{path} is not valid JSON ({e.msg}, line {e.lineno}); delete it and re-run what wrote it"
+        ) from None
 
 
 def newest_panel(run_dir: Path) -> Path | None:
@@ -170,8 +177,9 @@ def load_runs(root: Path) -> list[Run]:
     # A run's own evaluations (<run>/eval/<protocol>/.hydra) are Hydra runs too, but not points of the sweep.
     dirs = sorted(d for d in found if not any(parent in found for parent in d.parents))
     if not dirs:
-        raise ReportError(f"no runs found under {root} (expected <run>/.hydra/overrides.yaml, as written by "
-                          "`mimzoo-train -m ...`)")
+        raise ReportError(
+            f"no runs found under {root} (expected <run>/.hydra/overrides.yaml, as written by `mimzoo-train -m ...`)"
+        )
     return [load_run(d, root) for d in dirs]
 
 
@@ -195,8 +203,10 @@ def choose_metric(runs: list[Run], metric: str | None) -> str:
     if metric is None:
         metric = next((m for m in DEFAULT_METRICS if m in available), None)
         if metric is None:
-            raise ReportError(f"none of the default metrics {list(DEFAULT_METRICS)} was logged; "
-                              f"pick one with --metric from: {', '.join(available) or '(no metrics at all)'}")
+            raise ReportError(
+                f"none of the default metrics {list(DEFAULT_METRICS)} was logged; "
+                f"pick one with --metric from: {', '.join(available) or '(no metrics at all)'}"
+            )
     elif metric not in available:
         raise ReportError(f"unknown metric {metric!r}; available: {', '.join(available) or '(no metrics at all)'}")
     return metric
@@ -219,6 +229,7 @@ class Paper:
     """A preset's ``paper:`` block: ``label`` (table, model, data, schedule) and ``rows``, each a ``where``
     (swept key -> value, e.g. ``{model.decoder.depth: 8}``) and the paper's top-1 per protocol, in percent
     as printed (``linear: 73.5``); held here as fractions, like ours."""
+
     label: str
     rows: list = field(default_factory=list)  # (where: dict, {protocol: fraction})
 
@@ -235,13 +246,17 @@ class Paper:
 
 def read_paper(runs: list[Run]) -> Paper | None:
     """The ``paper:`` block the runs' preset carries (None without one); one block per sweep directory."""
-    blocks = {json.dumps(OmegaConf.to_container(r.config.paper), sort_keys=True): r.name
-              for r in runs if OmegaConf.select(r.config, "paper") is not None}
+    blocks = {
+        json.dumps(OmegaConf.to_container(r.config.paper), sort_keys=True): r.name
+        for r in runs
+        if OmegaConf.select(r.config, "paper") is not None
+    }
     if not blocks:
         return None
     if len(blocks) > 1:
-        raise ReportError(f"runs {', '.join(blocks.values())} carry different paper: blocks; report each sweep "
-                          "directory on its own")
+        raise ReportError(
+            f"runs {', '.join(blocks.values())} carry different paper: blocks; report each sweep directory on its own"
+        )
     return parse_paper(json.loads(next(iter(blocks))), f"run {next(iter(blocks.values()))}")
 
 
@@ -258,15 +273,21 @@ def load_paper(name: str) -> Paper:
 def parse_paper(block, source: str) -> Paper:
     where_fix = "each paper: row needs where: {<swept key>: <value>} and top-1 values in percent, e.g. linear: 73.5"
     if not (isinstance(block, dict) and isinstance(block.get("label"), str) and isinstance(block.get("rows"), list)):
-        raise ReportError(f"paper: block of {source} needs label: <table, model, data, "
-                          f"epochs> and rows: [...]; {where_fix}")
+        raise ReportError(
+            f"paper: block of {source} needs label: <table, model, data, epochs> and rows: [...]; {where_fix}"
+        )
     paper = Paper(block["label"])
     for row in block["rows"]:
         where = row.get("where") if isinstance(row, dict) else None
         values = {k: v for k, v in row.items() if k != "where"} if isinstance(row, dict) else {}
         unknown = sorted(set(values) - set(PROTOCOLS))
-        if not isinstance(where, dict) or not where or unknown or not values or not all(
-                isinstance(v, (int, float)) and 0 <= v <= 100 for v in values.values()):
+        if (
+            not isinstance(where, dict)
+            or not where
+            or unknown
+            or not values
+            or not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in values.values())
+        ):
             detail = f" (unknown protocols {unknown}; known: {list(PROTOCOLS)})" if unknown else ""
             raise ReportError(f"bad paper: row {row!r}{detail}; {where_fix}")
         paper.rows.append((where, {k: v / 100 for k, v in values.items()}))
@@ -309,7 +330,7 @@ def label(metric: str) -> str:
 @dataclass
 class Column:
     name: str
-    get: object        # Run -> value or None
+    get: object  # Run -> value or None
     fmt: str = "{:.4f}"
 
 
@@ -324,12 +345,25 @@ def table_columns(runs: list[Run], swept: list[str], metric: str, paper: Paper |
     for c in metric_columns(runs, metric):
         get = (lambda r, c=c: r.best.get(c[5:])) if c.startswith("best ") else (lambda r, c=c: r.last.get(c))
         columns.append(Column(label(c), get))
-    formats = {"wall_clock_s": "{:.1f}", "train_images_per_s": "{:.1f}", "gflops_per_image": "{:.3f}",
-               "peak_memory_mb": "{:.0f}", "params": "{:.2f}", "encoder_params": "{:.2f}"}
+    formats = {
+        "wall_clock_s": "{:.1f}",
+        "train_images_per_s": "{:.1f}",
+        "gflops_per_image": "{:.3f}",
+        "peak_memory_mb": "{:.0f}",
+        "params": "{:.2f}",
+        "encoder_params": "{:.2f}",
+    }
     for key, (name, scale) in COSTS.items():
         if any(r.cost.get(key) is not None for r in runs):
-            columns.append(Column(name, lambda r, k=key, s=scale: None if r.cost.get(k) is None else
-                                  (r.cost[k] * s if s != 1 else r.cost[k]), formats.get(key, "{}")))
+            columns.append(
+                Column(
+                    name,
+                    lambda r, k=key, s=scale: (
+                        None if r.cost.get(k) is None else (r.cost[k] * s if s != 1 else r.cost[k])
+                    ),
+                    formats.get(key, "{}"),
+                )
+            )
     for key in COST_CONTEXT:
         if len({r.cost.get(key) for r in runs if r.cost}) > 1:
             columns.append(Column(key, lambda r, k=key: r.cost.get(k), "{}"))
@@ -354,8 +388,9 @@ def markdown(rows: list[dict], columns: list[Column], caption: str) -> str:
     return "\n".join(lines) + f"\n\n{caption}\n"
 
 
-def plot(runs: list[Run], swept: list[str], metric: str, x: str, path: Path, title: str,
-         paper: Paper | None = None) -> list[str]:
+def plot(
+    runs: list[Run], swept: list[str], metric: str, x: str, path: Path, title: str, paper: Paper | None = None
+) -> list[str]:
     """MAE Fig. 5 style: the metric against ``x``, one line per setting of the other swept keys;
     a bar chart when ``x`` is the only, categorical, key. An untrained run is the floor: a dotted horizontal line
     on a numeric axis. The paper's numbers of the same protocol are their own series (dashed, square markers),
@@ -382,17 +417,28 @@ def plot(runs: list[Run], swept: list[str], metric: str, x: str, path: Path, tit
             name = ", ".join(f"{k}={v}" for k, v in zip(others, setting)) or "ours"
             ax.plot(xs, [r.last[metric] for r in group], marker="o", linestyle="-" if numeric else "none", label=name)
         ax.grid(alpha=0.3)
-    protocol = metric[len("eval/"):-len("_top1")] if metric in OFFLINE else None
+    protocol = metric[len("eval/") : -len("_top1")] if metric in OFFLINE else None
     if paper and protocol in paper.protocols:
-        points = sorted(((tuple(str(where.get(k, "")) for k in others), where[x], v[protocol])
-                         for where, v in paper.rows if x in where and protocol in v),
-                        key=lambda p: (p[0], _sort_key(p[1])))
+        points = sorted(
+            (
+                (tuple(str(where.get(k, "")) for k in others), where[x], v[protocol])
+                for where, v in paper.rows
+                if x in where and protocol in v
+            ),
+            key=lambda p: (p[0], _sort_key(p[1])),
+        )
         for setting, group in groupby(points, key=lambda p: p[0]):
             group = list(group)
             extra = ", ".join(f"{k}={v}" for k, v in zip(others, setting) if v)
-            ax.plot([p[1] if numeric else str(p[1]) for p in group], [p[2] for p in group], marker="s",
-                    linestyle="--" if numeric else "none", color="black", alpha=0.7,
-                    label=f"paper: {paper.label}" + (f" ({extra})" if extra else ""))
+            ax.plot(
+                [p[1] if numeric else str(p[1]) for p in group],
+                [p[2] for p in group],
+                marker="s",
+                linestyle="--" if numeric else "none",
+                color="black",
+                alpha=0.7,
+                label=f"paper: {paper.label}" + (f" ({extra})" if extra else ""),
+            )
     series = [line.get_label() for line in ax.get_lines()] + [c.get_label() for c in ax.containers]
     if others or floors or (paper and protocol in paper.protocols):
         ax.legend(fontsize="small")
@@ -438,33 +484,50 @@ window.addEventListener("load", function () {
 """
 
 
-def html_page(title: str, rows: list[dict], columns: list[Column], caption: str, plots: list[Path],
-              panels: list[tuple[str, Path]], paper: Paper | None) -> str:
+def html_page(
+    title: str,
+    rows: list[dict],
+    columns: list[Column],
+    caption: str,
+    plots: list[Path],
+    panels: list[tuple[str, Path]],
+    paper: Paper | None,
+) -> str:
     """The report as one self-contained page: table, plot, and each run's newest panel side by side (one
     tile per run, labelled by its swept setting, as MAE's Fig. 4 sets mask ratios next to each other)."""
     e = html.escape
     paper_columns = {paper.column(p) for p in paper.protocols} if paper else set()
 
     def cls(c: Column, value) -> str:
-        kinds = (["paper"] if c.name in paper_columns else []) + \
-                ([] if isinstance(value, (int, float)) and not isinstance(value, bool) else ["text"])
+        kinds = (["paper"] if c.name in paper_columns else []) + (
+            [] if isinstance(value, (int, float)) and not isinstance(value, bool) else ["text"]
+        )
         return f' class="{" ".join(kinds)}"' if kinds else ""
 
     head = "".join(f"<th{' class=paper' if c.name in paper_columns else ''}>{e(c.name)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td{cls(c, row[c.name])}>{e(_cell(row[c.name], c.fmt))}</td>" for c in columns)
-                   + "</tr>\n" for row in rows)
-    parts = [HTML_HEAD.format(title=e(title)), f"<h1>{e(title)}</h1>\n",
-             f'<table id="results">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n',
-             f'<p class="caption">{e(caption)}</p>\n']
+    body = "".join(
+        "<tr>" + "".join(f"<td{cls(c, row[c.name])}>{e(_cell(row[c.name], c.fmt))}</td>" for c in columns) + "</tr>\n"
+        for row in rows
+    )
+    parts = [
+        HTML_HEAD.format(title=e(title)),
+        f"<h1>{e(title)}</h1>\n",
+        f'<table id="results">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n',
+        f'<p class="caption">{e(caption)}</p>\n',
+    ]
     for plot_path in plots:
-        parts.append(f'<h2>Plot</h2>\n<figure><img class="plot" alt="{e(plot_path.name)}" '
-                     f'src="{_data_uri(plot_path)}"></figure>\n')
+        parts.append(
+            f'<h2>Plot</h2>\n<figure><img class="plot" alt="{e(plot_path.name)}" '
+            f'src="{_data_uri(plot_path)}"></figure>\n'
+        )
     if panels:
         parts.append('<h2>Last reconstruction / informed-mask panel per run</h2>\n<div class="panels">\n')
         for name, path in panels:
-            parts.append(f'<figure class="tile"><img class="panel" alt="{e(path.parent.name)}/{e(path.name)}" '
-                         f'src="{_data_uri(path)}"><figcaption>{e(name)}<br><small>{e(path.parent.name)}/'
-                         f'{e(path.name)}</small></figcaption></figure>\n')
+            parts.append(
+                f'<figure class="tile"><img class="panel" alt="{e(path.parent.name)}/{e(path.name)}" '
+                f'src="{_data_uri(path)}"><figcaption>{e(name)}<br><small>{e(path.parent.name)}/'
+                f"{e(path.name)}</small></figcaption></figure>\n"
+            )
         parts.append("</div>\n")
     parts.append(HTML_SCRIPT + "</body></html>\n")
     return "".join(parts)
@@ -482,15 +545,22 @@ def sweep_group(run: Path) -> str | None:
     if OmegaConf.select(hydra_yaml, "hydra.mode") != "MULTIRUN":
         return None
     subdir = Path(str(OmegaConf.select(hydra_yaml, "hydra.sweep.subdir")))  # ${hydra.job.num} resolves here
-    written = str(OmegaConf.to_container(hydra_yaml.hydra.sweep)["dir"])   # may hold ${now:...}: not resolved
+    written = str(OmegaConf.to_container(hydra_yaml.hydra.sweep)["dir"])  # may hold ${now:...}: not resolved
     sweep = Path(hydra_yaml.hydra.runtime.output_dir).parents[len(subdir.parts) - 1]
     if not Path(written).is_absolute():
         sweep = Path(os.path.relpath(sweep, hydra_yaml.hydra.runtime.cwd))
     return sweep_group_name(sweep)
 
 
-def log_to_wandb(runs: list[Run], root: Path, out: Path, rows: list[dict], columns: list[Column],
-                 plot_path: Path | None, caption: str) -> dict | None:
+def log_to_wandb(
+    runs: list[Run],
+    root: Path,
+    out: Path,
+    rows: list[dict],
+    columns: list[Column],
+    plot_path: Path | None,
+    caption: str,
+) -> dict | None:
     """The table (``wandb.Table``) and plot (``wandb.Image``) in a ``report`` run of the sweep's project and
     group, in the mode the runs' logger config gives (offline unless logged in); None when that is disabled."""
     import wandb
@@ -503,10 +573,20 @@ def log_to_wandb(runs: list[Run], root: Path, out: Path, rows: list[dict], colum
     if mode == "disabled":
         return None
     group = sweep_group(first)
-    run = wandb.init(project=wb.project, entity=wb.entity, group=group, name=f"report {group or root.name}",
-                     job_type="report", dir=str(out), mode=mode, settings=wandb_settings(mode))
-    table = wandb.Table(columns=[c.name for c in columns],
-                        data=[[None if row[c.name] == "" else row[c.name] for c in columns] for row in rows])
+    run = wandb.init(
+        project=wb.project,
+        entity=wb.entity,
+        group=group,
+        name=f"report {group or root.name}",
+        job_type="report",
+        dir=str(out),
+        mode=mode,
+        settings=wandb_settings(mode),
+    )
+    table = wandb.Table(
+        columns=[c.name for c in columns],
+        data=[[None if row[c.name] == "" else row[c.name] for c in columns] for row in rows],
+    )
     logged = {"report/table": table}
     if plot_path is not None:
         logged["report/plot"] = wandb.Image(str(plot_path), caption=caption)
@@ -516,8 +596,14 @@ def log_to_wandb(runs: list[Run], root: Path, out: Path, rows: list[dict], colum
     return {"mode": mode, "group": group, "where": where}
 
 
-def report(root: str | Path, metric: str | None = None, x: str | None = None, out: str | Path | None = None,
-           wandb: bool | None = None, paper: str | None = None) -> dict:
+def report(
+    root: str | Path,
+    metric: str | None = None,
+    x: str | None = None,
+    out: str | Path | None = None,
+    wandb: bool | None = None,
+    paper: str | None = None,
+) -> dict:
     """Write report.md, report.csv, report.html and (when something was swept) report.png; log the table and
     plot to W&B when ``wandb`` (None: when the runs logged to W&B). ``paper`` names a paper table (see
     :func:`load_paper`) instead of the runs' own. Returns paths, table and rows."""
@@ -538,11 +624,13 @@ def report(root: str | Path, metric: str | None = None, x: str | None = None, ou
     paths = {"md": out / "report.md", "csv": out / "report.csv", "html": out / "report.html"}
 
     fixed = ", ".join(f"`{k}={v}`" for k, v in constant.items()) or "none"
-    caption = (f"{len(runs)} runs in `{root}`; training metrics are the last logged values, offline results "
-               f"come from each run's eval/<protocol>/results.json; top-1 values are fractions (0-1). "
-               f"Constant overrides: {fixed}.")
+    caption = (
+        f"{len(runs)} runs in `{root}`; training metrics are the last logged values, offline results "
+        f"come from each run's eval/<protocol>/results.json; top-1 values are fractions (0-1). "
+        f"Constant overrides: {fixed}."
+    )
     if paper:
-        caption += (f" Paper columns: {paper.label}, as published (divided by 100), not our runs.")
+        caption += f" Paper columns: {paper.label}, as published (divided by 100), not our runs."
     context = {k: {r.cost[k] for r in runs if r.cost.get(k) is not None} for k in COST_CONTEXT}
     context = {k: v.pop() for k, v in context.items() if len(v) == 1}
     if context:
@@ -554,14 +642,18 @@ def report(root: str | Path, metric: str | None = None, x: str | None = None, ou
         writer = csv.DictWriter(buffer, fieldnames=[c.name for c in columns])
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write(paths["csv"], lambda f, text=buffer.getvalue(): f.write(text.encode()))
+        text = buffer.getvalue()
+        atomic_write(paths["csv"], lambda f: f.write(text.encode()))
     series = []
     if x is not None and any(metric in r.last for r in runs):
         paths["png"] = out / "report.png"
         title = f"{label(metric)} vs {x} ({'/'.join(root.resolve().parts[-2:])})"
         series = plot(runs, swept, metric, x, paths["png"], title, paper)
-    panels = [(", ".join(f"{k}={r.shown.get(k, '')}" for k in swept) or r.name, r.panel)
-              for r in build_order(runs, swept) if r.panel is not None]
+    panels = [
+        (", ".join(f"{k}={r.shown.get(k, '')}" for k in swept) or r.name, r.panel)
+        for r in build_order(runs, swept)
+        if r.panel is not None
+    ]
     page = html_page(heading, rows, columns, caption, [paths["png"]] if "png" in paths else [], panels, paper)
     atomic_write(paths["html"], lambda f: f.write(page.encode()))
     logged = None
@@ -569,11 +661,21 @@ def report(root: str | Path, metric: str | None = None, x: str | None = None, ou
         wandb = any(OmegaConf.select(r.config, "logger.wandb.enabled", default=False) for r in runs)
     if wandb:
         if OmegaConf.select(runs[0].config, "logger.wandb") is None:
-            raise ReportError(f"run {runs[0].name} has no logger.wandb config to log the report with; "
-                              "leave out --wandb")
+            raise ReportError(
+                f"run {runs[0].name} has no logger.wandb config to log the report with; leave out --wandb"
+            )
         logged = log_to_wandb(runs, root, out, rows, columns, paths.get("png"), caption)
-    return {"paths": paths, "table": table, "metric": metric, "x": x, "swept": swept, "rows": rows,
-            "paper": paper, "series": series, "wandb": logged}
+    return {
+        "paths": paths,
+        "table": table,
+        "metric": metric,
+        "x": x,
+        "swept": swept,
+        "rows": rows,
+        "paper": paper,
+        "series": series,
+        "wandb": logged,
+    }
 
 
 def build_order(runs: list[Run], swept: list[str]) -> list[Run]:
@@ -584,15 +686,24 @@ def build_order(runs: list[Run], swept: list[str]) -> list[Run]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mimzoo-report", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("sweep_dir", help="a multirun directory, e.g. multirun/<date>/<time>")
-    parser.add_argument("--metric", help="column to report and plot: eval/<protocol>_top1 (offline) or a "
-                        f"metrics.csv column (default: first present of {', '.join(DEFAULT_METRICS)})")
+    parser.add_argument(
+        "--metric",
+        help="column to report and plot: eval/<protocol>_top1 (offline) or a "
+        f"metrics.csv column (default: first present of {', '.join(DEFAULT_METRICS)})",
+    )
     parser.add_argument("--x", help="swept key for the plot's x axis (default: the first numeric swept key)")
     parser.add_argument("--out", help="output folder (default: the sweep directory)")
-    parser.add_argument("--paper", help="paper table for the paper columns, instead of the runs' preset's: a name "
-                        "in mimzoo's conf/paper/ (e.g. mae_fig5) or a .yaml file of the same form")
-    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
-                        help="log the table and plot to the runs' W&B project and group (default: when the runs "
-                        "logged to W&B)")
+    parser.add_argument(
+        "--paper",
+        help="paper table for the paper columns, instead of the runs' preset's: a name "
+        "in mimzoo's conf/paper/ (e.g. mae_fig5) or a .yaml file of the same form",
+    )
+    parser.add_argument(
+        "--wandb",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="log the table and plot to the runs' W&B project and group (default: when the runs logged to W&B)",
+    )
     args = parser.parse_args(argv)
     try:
         result = report(args.sweep_dir, args.metric, args.x, args.out, args.wandb, args.paper)

@@ -89,8 +89,11 @@ def clean_stale_temp_files(run_dir: Path) -> list[Path]:
             stale.unlink(missing_ok=True)
             removed.append(stale)
     if removed:
-        log.warning("mimzoo: removed %d temp file(s) left by an interrupted write: %s", len(removed),
-                    ", ".join(p.name for p in removed))
+        log.warning(
+            "mimzoo: removed %d temp file(s) left by an interrupted write: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 
@@ -117,8 +120,14 @@ class LastCheckpoint(ModelCheckpoint):
     methods; ``tests/test_runsafe.py`` checks ``last.ckpt`` after each epoch.)"""
 
     def __init__(self, dirpath: str, every_n_epochs: int | None = None, every_n_train_steps: int | None = None):
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_epochs=every_n_epochs,
-                         every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
+        )
 
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
         self._save_last_checkpoint(trainer, monitor_candidates)  # the top-k slot is last.ckpt itself
@@ -134,9 +143,16 @@ class KeptCheckpoints(ModelCheckpoint):
     can be passed as a Hydra override as it is)."""
 
     def __init__(self, dirpath: str, every_n_epochs: int | None = None, every_n_train_steps: int | None = None):
-        super().__init__(dirpath=dirpath, filename="epoch{epoch}-step{step}", auto_insert_metric_name=False,
-                         save_top_k=-1, save_last=False, every_n_epochs=every_n_epochs or 0,
-                         every_n_train_steps=every_n_train_steps or 0, enable_version_counter=False)
+        super().__init__(
+            dirpath=dirpath,
+            filename="epoch{epoch}-step{step}",
+            auto_insert_metric_name=False,
+            save_top_k=-1,
+            save_last=False,
+            every_n_epochs=every_n_epochs or 0,
+            every_n_train_steps=every_n_train_steps or 0,
+            enable_version_counter=False,
+        )
 
 
 def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[ModelCheckpoint]:
@@ -150,10 +166,18 @@ def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[ModelCheckpoin
     if c.get("keep_every_n_steps"):
         callbacks.append(KeptCheckpoints(str(ckpt_dir), every_n_train_steps=c.keep_every_n_steps))
     if c.save_top_k:
-        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-epoch{epoch}-step{step}",
-                                         auto_insert_metric_name=False, monitor=c.monitor, save_top_k=c.save_top_k,
-                                         every_n_epochs=c.every_n_epochs, every_n_train_steps=c.every_n_train_steps,
-                                         enable_version_counter=False))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(ckpt_dir),
+                filename="best-epoch{epoch}-step{step}",
+                auto_insert_metric_name=False,
+                monitor=c.monitor,
+                save_top_k=c.save_top_k,
+                every_n_epochs=c.every_n_epochs,
+                every_n_train_steps=c.every_n_train_steps,
+                enable_version_counter=False,
+            )
+        )
     return callbacks
 
 
@@ -179,8 +203,12 @@ class _HistoryWriter(ExperimentWriter):
         if not self.resume and path.is_file():
             aside = path.with_name(f"metrics-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv")
             os.replace(path, aside)
-            log.warning("mimzoo: %s holds a metrics.csv of an earlier run and this run is not a resume "
-                        "(no ckpt_path): moved it to %s", path.parent, aside.name)
+            log.warning(
+                "mimzoo: %s holds a metrics.csv of an earlier run and this run is not a resume "
+                "(no ckpt_path): moved it to %s",
+                path.parent,
+                aside.name,
+            )
 
     def _read(self) -> tuple[list[str], list[dict]]:
         with open(self.metrics_file_path, newline="") as f:
@@ -213,8 +241,11 @@ class _HistoryWriter(ExperimentWriter):
         header, rows = self._read()
         if len(rows) > n:
             self._write(header, rows[:n])
-            log.info("mimzoo: metrics.csv: kept the %d rows the checkpoint covers, dropped %d logged after it",
-                     n, len(rows) - n)
+            log.info(
+                "mimzoo: metrics.csv: kept the %d rows the checkpoint covers, dropped %d logged after it",
+                n,
+                len(rows) - n,
+            )
         self.rows = min(n, len(rows))
 
 
@@ -264,8 +295,18 @@ class MetricsHistory(Callback):
 
 # --- the first launch kept, resumes that change the experiment refused -------------------------------
 # Keys whose change on resume changes the experiment (prefixes: "model" is every model.* key) ...
-GUARDED = ("model", "mask", "optim", "data", "seed", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
-           "trainer.gradient_clip_algorithm", "trainer.precision", "trainer.limit_train_batches")
+GUARDED = (
+    "model",
+    "mask",
+    "optim",
+    "data",
+    "seed",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
+    "trainer.gradient_clip_algorithm",
+    "trainer.precision",
+    "trainer.limit_train_batches",
+)
 # ... except these, which change how the same experiment runs. Anything else (trainer.max_epochs/max_steps to
 # extend a run, trainer.devices, logger, checkpoint, recon, probe, compile) may change freely.
 NOT_GUARDED = ("data.num_workers", "data.download", "data.memory_limit_gb")
@@ -358,21 +399,34 @@ class RunRecord:
         if resume and baseline.is_file():
             changes = experiment_changes(yaml.safe_load(baseline.read_text()) or {}, resolved)
             allow = _allowed(cfg)
-            refused = {} if allow is True else {k: v for k, v in changes.items()
-                                                 if not (allow and _matches(k, allow))}
+            refused = {} if allow is True else {k: v for k, v in changes.items() if not (allow and _matches(k, allow))}
             if refused:
                 self.restore_hydra_files()
                 raise RunDirRefused(self._refusal(refused))
             if changes:
-                log.warning("mimzoo: resuming with changes to the experiment, allowed by %s: %s", ALLOW_KEY,
-                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+                log.warning(
+                    "mimzoo: resuming with changes to the experiment, allowed by %s: %s",
+                    ALLOW_KEY,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+                )
         elif resume and (self.run_dir / "checkpoints").is_dir():
-            log.warning("mimzoo: %s has no record of its first launch (started before mimzoo kept one): the "
-                        "overrides of this resume are not checked against it", self.run_dir)
+            log.warning(
+                "mimzoo: %s has no record of its first launch (started before mimzoo kept one): the "
+                "overrides of this resume are not checked against it",
+                self.run_dir,
+            )
         launches = self.launches() if resume else []  # a fresh run in a used directory starts a new record
-        launches.append({"time": now(), "host": socket.gethostname(), "pid": os.getpid(), "tool": self.tool,
-                         "resume": cfg.get("ckpt_path") if resume else None, "overrides": overrides,
-                         "changes": {k: [a, b] for k, (a, b) in changes.items()}})
+        launches.append(
+            {
+                "time": now(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "tool": self.tool,
+                "resume": cfg.get("ckpt_path") if resume else None,
+                "overrides": overrides,
+                "changes": {k: [a, b] for k, (a, b) in changes.items()},
+            }
+        )
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_yaml(self.dir / "launches.yaml", launches)
         self._write_yaml(baseline, resolved)
@@ -385,13 +439,17 @@ class RunRecord:
 
     def _refusal(self, refused: dict) -> str:
         first = next(iter(self.launches()), {})
-        lines = [f"{self.tool}: error: refusing to resume {self.run_dir}: these overrides change the experiment "
-                 "its checkpoint was trained with:"]
+        lines = [
+            f"{self.tool}: error: refusing to resume {self.run_dir}: these overrides change the experiment "
+            "its checkpoint was trained with:"
+        ]
         lines += [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in refused.items()]
         keys = ",".join(refused)
-        lines += [f"The run was launched with: {' '.join(first.get('overrides') or []) or '(no overrides)'} "
-                  f"(.hydra/overrides.yaml). Resume with the same values, start a new run in another directory, "
-                  f"or allow the change on purpose: {ALLOW_KEY}=[{keys}] (or {ALLOW_KEY}=true for any key)."]
+        lines += [
+            f"The run was launched with: {' '.join(first.get('overrides') or []) or '(no overrides)'} "
+            f"(.hydra/overrides.yaml). Resume with the same values, start a new run in another directory, "
+            f"or allow the change on purpose: {ALLOW_KEY}=[{keys}] (or {ALLOW_KEY}=true for any key)."
+        ]
         return "\n".join(lines)
 
 

@@ -46,7 +46,7 @@ def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-_HELD: dict[str, "RunLock"] = {}  # locks this process holds, by path: a sweep's next job in the same dir re-enters
+_HELD: dict[str, RunLock] = {}  # locks this process holds, by path: a sweep's next job in the same dir re-enters
 
 
 class RunLock:
@@ -65,8 +65,10 @@ class RunLock:
         if not holder:
             return "a run whose lock file is empty (it is starting, or its file system lost the content)"
         job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-        return (f"pid {holder.get('pid')} on host {holder.get('host')}{job}, started {holder.get('started')}: "
-                f"{holder.get('command')}")
+        return (
+            f"pid {holder.get('pid')} on host {holder.get('host')}{job}, started {holder.get('started')}: "
+            f"{holder.get('command')}"
+        )
 
     def _read(self) -> dict:
         try:
@@ -80,7 +82,8 @@ class RunLock:
             f"{self.tool}: error: {run_dir} is in use by another live run ({self.describe(holder)}).\n"
             f"Two runs in one directory would overwrite each other's checkpoints, metrics.csv and W&B run. Wait for "
             f"that run to end, or start this one in another directory (hydra.run.dir=<new dir>). "
-            f"Lock file: {self.path}")
+            f"Lock file: {self.path}"
+        )
 
     def _fallback_stale(self, holder: dict) -> bool:
         """Without flock: whether the recorded holder is gone (dead pid on this host, or our own SLURM job)."""
@@ -94,7 +97,7 @@ class RunLock:
             return pid == os.getpid() or not _pid_alive(pid)
         return False
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         key = str(self.path.resolve())
         if key in _HELD:
             return _HELD[key]
@@ -111,8 +114,12 @@ class RunLock:
                 os.close(fd)
                 self._refuse(holder)
             except (ImportError, OSError) as err:  # no flock here (e.g. a Lustre mount without -o flock)
-                if isinstance(err, OSError) and err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EINVAL,
-                                                                   errno.EOPNOTSUPP):
+                if isinstance(err, OSError) and err.errno not in (
+                    errno.ENOLCK,
+                    errno.ENOSYS,
+                    errno.EINVAL,
+                    errno.EOPNOTSUPP,
+                ):
                     os.close(fd)
                     raise
                 locked = False
@@ -131,8 +138,14 @@ class RunLock:
             self._refuse(previous)
         if previous and int(previous.get("pid", -1)) != os.getpid():
             log.warning("mimzoo: taking over the lock of a run that is no longer running (%s)", self.describe(previous))
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(),
-              "slurm_job": os.environ.get("SLURM_JOB_ID"), "tool": self.tool, "command": " ".join(sys.argv)}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": now(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "tool": self.tool,
+            "command": " ".join(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, yaml.safe_dump(me, sort_keys=False).encode(), 0)
         os.fsync(fd)

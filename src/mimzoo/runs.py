@@ -62,9 +62,19 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             id_file.write_text(uuid.uuid4().hex[:8])
         run_id = id_file.read_text().strip() if id_file.exists() else None
         mode = wandb_mode(wb.mode)
-        logger = WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name, tags=list(wb.tags),
-                             save_dir=str(run_dir), mode=mode, id=run_id, resume="allow",
-                             config=OmegaConf.to_container(cfg, resolve=True), settings=wandb_settings(mode))
+        logger = WandbLogger(
+            project=wb.project,
+            entity=wb.entity,
+            group=group,
+            name=name,
+            tags=list(wb.tags),
+            save_dir=str(run_dir),
+            mode=mode,
+            id=run_id,
+            resume="allow",
+            config=OmegaConf.to_container(cfg, resolve=True),
+            settings=wandb_settings(mode),
+        )
         # Lightning always hands wandb.init ``anonymous`` (None here), a setting wandb>=0.19 deprecates with a
         # warning whatever its value; nothing else reads it.
         logger._wandb_init.pop("anonymous", None)

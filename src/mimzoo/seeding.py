@@ -60,8 +60,9 @@ def seed_torch(seed: int, device: torch.device) -> None:
     every other CUDA device, about a millisecond a call)."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()] \
-            .manual_seed(seed)
+        torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ].manual_seed(seed)
     elif device.type != "cpu":
         torch.manual_seed(seed)
 

@@ -65,12 +65,14 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model) -> list:
     if cfg.trainer.enable_progress_bar:  # reads the loss where the loggers do, not every step
         callbacks.append(LoggedStepsProgressBar())
     if cfg.recon.enabled:
-        callbacks.append(ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images,
-                                              cfg.recon.every_n_epochs))
+        callbacks.append(
+            ReconstructionPanels(str(run_dir / "reconstructions"), cfg.recon.num_images, cfg.recon.every_n_epochs)
+        )
     probe = model.has_features  # a tokenizer stage (dVAE) has no representation to probe
     if cfg.probe.knn.enabled and probe:
-        callbacks.append(OnlineKNN(cfg.probe.knn.k, cfg.probe.knn.temperature, cfg.probe.knn.every_n_epochs,
-                                   cfg.probe.knn.max_bank))
+        callbacks.append(
+            OnlineKNN(cfg.probe.knn.k, cfg.probe.knn.temperature, cfg.probe.knn.every_n_epochs, cfg.probe.knn.max_bank)
+        )
     if cfg.probe.linear.enabled and probe:
         callbacks.append(OnlineLinearProbe(cfg.probe.linear.lr))
     return callbacks
@@ -96,10 +98,16 @@ def check_resume_checkpoint(ckpt_path: str | None) -> None:
     if ckpt_path is None:
         return
     path = Path(ckpt_path)
-    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path and p.stat().st_size > 0),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
-    instead = (f"resume from another checkpoint of this run, e.g. ckpt_path={others[0]}" if others else
-               f"no other checkpoint is in {path.parent}: start afresh in a new run directory")
+    others = sorted(
+        (p for p in path.parent.glob("*.ckpt") if p != path and p.stat().st_size > 0),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    instead = (
+        f"resume from another checkpoint of this run, e.g. ckpt_path={others[0]}"
+        if others
+        else f"no other checkpoint is in {path.parent}: start afresh in a new run directory"
+    )
     try:
         read_checkpoint(path, mmap=True, fix=f"it was left as it is; {instead}")
     except CheckpointError as err:
@@ -109,6 +117,7 @@ def check_resume_checkpoint(ckpt_path: str | None) -> None:
 def prerequisite_overrides(stage: DictConfig) -> list[str]:
     """A stage's ``overrides`` mapping as a command line, each resolved value written as Hydra reads it back
     (``null``, ``true``), not as Python prints it (``None``, ``True``)."""
+
     def value(v) -> str:
         return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -126,12 +135,20 @@ def train_prerequisites(cfg: DictConfig) -> None:
             summary_log.info(f"mimzoo: prerequisite {name}: reusing {run_dir}")
             continue
         resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
-        cmd = [sys.executable, "-m", "mimzoo.train", *prerequisite_overrides(stage), *resume,
-               f"hydra.run.dir={run_dir}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mimzoo.train",
+            *prerequisite_overrides(stage),
+            *resume,
+            f"hydra.run.dir={run_dir}",
+        ]
         summary_log.info(f"mimzoo: prerequisite {name}: training it first in {run_dir}")
         if subprocess.run(cmd).returncode != 0:
-            raise UserError(f"prerequisite {name!r} failed to train: see {run_dir / 'train.log'}; fix it and rerun "
-                            "(a stage that wrote a checkpoint resumes from it)")
+            raise UserError(
+                f"prerequisite {name!r} failed to train: see {run_dir / 'train.log'}; fix it and rerun "
+                "(a stage that wrote a checkpoint resumes from it)"
+            )
 
 
 def train(cfg: DictConfig) -> dict:
@@ -151,9 +168,14 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(requeued_ckpt_path(cfg.ckpt_path, run_dir), run_dir)
     check_resume_checkpoint(ckpt_path)
     precision = apply_precision(cfg.trainer, model)
-    trainer = instantiate(cfg.trainer, precision=precision, callbacks=build_callbacks(cfg, run_dir, model),
-                          logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir),
-                          plugins=[AtomicCheckpointIO(), *cluster_plugins()])
+    trainer = instantiate(
+        cfg.trainer,
+        precision=precision,
+        callbacks=build_callbacks(cfg, run_dir, model),
+        logger=build_loggers(cfg, run_dir),
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+    )
     fit_model = torch.compile(model) if cfg.compile else model
     trainer.fit(fit_model, datamodule=datamodule, ckpt_path=ckpt_path)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -165,8 +187,14 @@ def train(cfg: DictConfig) -> dict:
         if offline is not None and offline.protocols and not trainer.interrupted and model.has_features:
             # (a tokenizer stage, the dVAE, has no encoder to evaluate: a preset's offline_eval skips it)
             # In this job, so a SLURM sweep evaluates each point in its own job; the W&B run is still live here.
-            evaluate_run(run_dir, list(offline.protocols), progress=lambda protocol, done: print(
-                f"mimzoo: offline {protocol}: " + ("done already (results.json)" if done else "evaluating"), flush=True))
+            evaluate_run(
+                run_dir,
+                list(offline.protocols),
+                progress=lambda protocol, done: print(
+                    f"mimzoo: offline {protocol}: " + ("done already (results.json)" if done else "evaluating"),
+                    flush=True,
+                ),
+            )
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a -m sweep starts its own W&B run
@@ -177,9 +205,11 @@ def train(cfg: DictConfig) -> dict:
 def summarize(run_dir: Path, trainer, metrics: dict) -> None:
     """Where everything is, on stdout and in the job log (``train.log``)."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    lines = [f"mimzoo: run directory   {run_dir}",
-             f"mimzoo: checkpoint      {last}" if last.is_file() else "mimzoo: checkpoint      none written",
-             f"mimzoo: metrics (CSV)   {run_dir / 'metrics.csv'}"]
+    lines = [
+        f"mimzoo: run directory   {run_dir}",
+        f"mimzoo: checkpoint      {last}" if last.is_file() else "mimzoo: checkpoint      none written",
+        f"mimzoo: metrics (CSV)   {run_dir / 'metrics.csv'}",
+    ]
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             run = logger.experiment

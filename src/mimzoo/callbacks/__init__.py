@@ -6,5 +6,11 @@ from .log_interval import LogIntervalFit
 from .reconstruction import ReconstructionPanels
 from .sync_free import LoggedStepsProgressBar, LoggedThroughput
 
-__all__ = ["RunCost", "InformedMaskPanels", "LogIntervalFit", "LoggedStepsProgressBar", "LoggedThroughput",
-           "ReconstructionPanels"]
+__all__ = [
+    "RunCost",
+    "InformedMaskPanels",
+    "LogIntervalFit",
+    "LoggedStepsProgressBar",
+    "LoggedThroughput",
+    "ReconstructionPanels",
+]

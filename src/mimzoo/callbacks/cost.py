@@ -12,7 +12,8 @@ many images were seen. Keys of ``cost.json``:
   under ``compile=true``);
 - ``peak_memory_mb`` with ``memory_kind``: ``cuda_max_allocated`` (allocator peak) on a GPU, else ``cpu_max_rss``
   (the process's peak resident set, which includes the data and the Python runtime);
-- ``params`` (all trained modules), ``encoder_params`` (what evaluation uses; ``null`` for the dVAE); ``epochs``, ``steps``, ``images_seen`` (all ranks); ``device``, ``precision``.
+- ``params`` (all trained modules), ``encoder_params`` (what evaluation uses; ``null`` for the dVAE);
+  ``epochs``, ``steps``, ``images_seen`` (all ranks); ``device``, ``precision``.
 
 Counters survive a resume through the checkpoint (the callback's state), so a preempted run reports its total.
 """
@@ -33,8 +34,13 @@ from mimzoo.rundir import atomic_write
 
 # Dense peak TFLOP/s (bf16, fp32 without tensor cores) by a part of the CUDA device name, the first match winning:
 # what model-FLOP utilisation is measured against (``make bench``) and estimated with (experiments/full_length.py).
-PEAK_TFLOPS = (("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0), ("H200", 989.0, 67.0), ("GH200", 989.0, 67.0),
-               ("A100", 312.0, 19.5))
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100", 989.0, 67.0),
+    ("H200", 989.0, 67.0),
+    ("GH200", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+)
 
 
 def dense_peak_flops(device_name: str, precision: str) -> float | None:
@@ -49,8 +55,14 @@ class RunCost(Callback):
     def __init__(self, path: str | Path, count_flops: bool = True):
         self.path = Path(path)
         self.count_flops = count_flops
-        self.state = {"wall_clock_s": 0.0, "train_time_s": 0.0, "images_seen": 0, "flops": 0.0,
-                      "flops_per_image": None, "counted_epoch": -1}
+        self.state = {
+            "wall_clock_s": 0.0,
+            "train_time_s": 0.0,
+            "images_seen": 0,
+            "flops": 0.0,
+            "flops_per_image": None,
+            "counted_epoch": -1,
+        }
         self._fit_start = self._epoch_start = None
         self._counter: FlopCounterMode | None = None
         self._counted_batch = 0
@@ -127,7 +139,8 @@ class RunCost(Callback):
             "peak_memory_mb": round(peak, 1),
             "memory_kind": kind,
             "params": sum(p.numel() for p in pl_module.parameters()),
-            "encoder_params": sum(p.numel() for p in pl_module.eval_encoder.parameters()) if pl_module.has_features
+            "encoder_params": sum(p.numel() for p in pl_module.eval_encoder.parameters())
+            if pl_module.has_features
             else None,  # a tokenizer stage (the dVAE) has no encoder to transfer
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,

@@ -41,8 +41,9 @@ class InformedMaskPanels(ImagePanels):
         grid = pl_module.grid_size
         patch = images.shape[-1] // grid[1]
         original = denormalize(images.float(), self.mean, self.std)
-        obj, masked, hints = (mask_to_pixels(m, grid, patch)
-                              for m in (informed.object_part, informed.mask, informed.hints))
+        obj, masked, hints = (
+            mask_to_pixels(m, grid, patch) for m in (informed.object_part, informed.mask, informed.hints)
+        )
         red = original.new_tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
         green = original.new_tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
         tinted = original * (1 - 0.5 * obj) + 0.5 * obj * red

@@ -105,8 +105,13 @@ class Preemption(L.Callback):
             self._maybe_stop(trainer, finishing=0 < trainer.max_steps <= trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self._maybe_stop(trainer, finishing=(0 < trainer.max_steps <= trainer.global_step
-                                             or 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1))
+        self._maybe_stop(
+            trainer,
+            finishing=(
+                0 < trainer.max_steps <= trainer.global_step
+                or 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
+            ),
+        )
 
     def _maybe_stop(self, trainer, finishing: bool) -> None:
         """``finishing``: the run ends here anyway (max_steps, max_epochs) and is left to end normally."""
@@ -150,8 +155,12 @@ class Preemption(L.Callback):
                 failed = f"could not requeue SLURM job {job} (scontrol requeue failed); " if job else ""
                 run_dir = self.ckpt_path.parent.parent
                 then = f"{failed}resume with: mimzoo-train <the same overrides> hydra.run.dir={run_dir} ckpt_path=last"
-            print(f"mimzoo: received {name}: saved a checkpoint at step {trainer.global_step} to {self.ckpt_path}; "
-                  f"{then}", file=sys.stderr, flush=True)
+            print(
+                f"mimzoo: received {name}: saved a checkpoint at step {trainer.global_step} to {self.ckpt_path}; "
+                f"{then}",
+                file=sys.stderr,
+                flush=True,
+            )
         exception.code = 128 + self.signum  # not 0: the run did not finish
 
     @staticmethod

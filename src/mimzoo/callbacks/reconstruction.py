@@ -34,8 +34,15 @@ class ImagePanels(L.Callback):
 
     log_key, caption = "panel", ""
 
-    def __init__(self, out_dir: str | None = None, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self,
+        out_dir: str | None = None,
+        num_images: int = 8,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ):
         self.out_dir = Path(out_dir) if out_dir else None
         self.num_images, self.every_n_epochs, self.seed = num_images, every_n_epochs, seed
         self.mean, self.std = mean, std

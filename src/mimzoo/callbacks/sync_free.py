@@ -69,5 +69,6 @@ class LoggedThroughput(ThroughputMonitor):
         if not logs_this_step(trainer):
             return
         synchronize(trainer.strategy.root_device)
-        self._throughputs[stage].update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
-                                        samples=self._samples[stage])
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage], samples=self._samples[stage]
+        )

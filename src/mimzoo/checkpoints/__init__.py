@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import pkgutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lightning
 import torch
@@ -28,8 +28,9 @@ from mimzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mimzoo.errors import CheckpointError, MissingFileError, user_errors
 
 
-def read_checkpoint(path, mmap: bool = False,
-                    fix: str = "pass a mimzoo checkpoint written by mimzoo-train or mimzoo-import") -> dict:
+def read_checkpoint(
+    path, mmap: bool = False, fix: str = "pass a mimzoo checkpoint written by mimzoo-train or mimzoo-import"
+) -> dict:
     """``torch.load`` of a checkpoint file, with a missing, empty or unreadable file reported as such, ending in
     ``fix`` (``mmap``: tensors stay on disk, for a cheap check that the file is whole)."""
     path = Path(path)
@@ -40,8 +41,10 @@ def read_checkpoint(path, mmap: bool = False,
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file, whatever their type
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({first_sentence(err)}): it is truncated or "
-                              f"not a checkpoint; {fix}") from err
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({first_sentence(err)}): it is truncated or "
+            f"not a checkpoint; {fix}"
+        ) from err
 
 
 def first_sentence(err: BaseException) -> str:
@@ -63,12 +66,17 @@ def _not_a_pretraining_checkpoint(path: Path, ckpt) -> str:
                 source = json.loads(results.read_text()).get("ckpt")
             except (OSError, ValueError):
                 pass
-        instead = (f"ckpt={source}" if source else
-                   "the pre-training checkpoint it was trained on (its results.json: 'ckpt')")
-        return (f"{path} is a {protocol} checkpoint written by mimzoo-eval (a classifier), not a pre-training "
-                f"checkpoint: pass {instead}")
-    return (f"{path} is not a mimzoo checkpoint (no 'mimzoo' entry). For an official checkpoint use "
-            f"`mimzoo-import <method> {path} out.ckpt` or mimzoo.load_official(<method>, path)")
+        instead = (
+            f"ckpt={source}" if source else "the pre-training checkpoint it was trained on (its results.json: 'ckpt')"
+        )
+        return (
+            f"{path} is a {protocol} checkpoint written by mimzoo-eval (a classifier), not a pre-training "
+            f"checkpoint: pass {instead}"
+        )
+    return (
+        f"{path} is not a mimzoo checkpoint (no 'mimzoo' entry). For an official checkpoint use "
+        f"`mimzoo-import <method> {path} out.ckpt` or mimzoo.load_official(<method>, path)"
+    )
 
 
 def _read_mimzoo(path) -> dict:
@@ -86,7 +94,8 @@ def _build(ckpt: dict, path, purpose: str | None = None):
     if purpose and not cls.has_features:
         raise CheckpointError(
             f"{path} is a {cls_name} checkpoint, a tokenizer stage with no encoder to {purpose}: train BEiT on it "
-            f"(mimzoo-train model=beit model.tokenizer.ckpt={path}) and {purpose} that run's checkpoint")
+            f"(mimzoo-train model=beit model.tokenizer.ckpt={path}) and {purpose} that run's checkpoint"
+        )
     model = cls(**ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
     return model
@@ -106,8 +115,13 @@ def load_pretrained(path, map_location="cpu", purpose: str | None = None):
 
 PAPER_PREPROCESSING = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, interpolation="bicubic")
 # timm's size word of a (width, depth, heads, MLP ratio); a name is used only where timm registers it
-_TIMM_SIZES = {(192, 12, 3, 4.0): "tiny", (384, 12, 6, 4.0): "small", (768, 12, 12, 4.0): "base",
-               (1024, 24, 16, 4.0): "large", (1280, 32, 16, 4.0): "huge"}
+_TIMM_SIZES = {
+    (192, 12, 3, 4.0): "tiny",
+    (384, 12, 6, 4.0): "small",
+    (768, 12, 12, 4.0): "base",
+    (1024, 24, 16, 4.0): "large",
+    (1280, 32, 16, 4.0): "huge",
+}
 
 
 def timm_model_name(kwargs: dict) -> str:
@@ -120,8 +134,9 @@ def timm_model_name(kwargs: dict) -> str:
     family = generic.split("_")[0]
     if family not in ("vit", "beit"):  # e.g. ConvMAE's convmae_convvit, sized per stage
         return generic
-    size = _TIMM_SIZES.get((kwargs.get("embed_dim"), kwargs.get("depth"), kwargs.get("num_heads"),
-                            float(kwargs.get("mlp_ratio", 4.0))))
+    size = _TIMM_SIZES.get(
+        (kwargs.get("embed_dim"), kwargs.get("depth"), kwargs.get("num_heads"), float(kwargs.get("mlp_ratio", 4.0)))
+    )
     if size is None or kwargs.get("in_chans", 3) != 3:
         return generic
     name = f"{family}_{size}_patch{kwargs.get('patch_size')}_{kwargs.get('img_size')}"
@@ -142,11 +157,18 @@ def training_preprocessing(ckpt: dict, model) -> dict:
     else:
         pre = dict(PAPER_PREPROCESSING)
         source = ckpt.get("mimzoo", {}).get("imported_from")
-        notes = ("paper default preprocessing (ImageNet mean/std, crop 0.875, bicubic): the checkpoint records no "
-                 f"data settings ({'imported from ' + str(source) if source else 'no data module saved'})")
-    return dict(input_size=(int(encoder.in_chans), *size), mean=tuple(float(v) for v in pre["mean"]),
-                std=tuple(float(v) for v in pre["std"]), crop_pct=float(pre["crop_pct"]),
-                interpolation=pre["interpolation"], notes=notes)
+        notes = (
+            "paper default preprocessing (ImageNet mean/std, crop 0.875, bicubic): the checkpoint records no "
+            f"data settings ({'imported from ' + str(source) if source else 'no data module saved'})"
+        )
+    return dict(
+        input_size=(int(encoder.in_chans), *size),
+        mean=tuple(float(v) for v in pre["mean"]),
+        std=tuple(float(v) for v in pre["std"]),
+        crop_pct=float(pre["crop_pct"]),
+        interpolation=pre["interpolation"],
+        notes=notes,
+    )
 
 
 def export_encoder(ckpt_path, out_path) -> dict:
@@ -192,9 +214,11 @@ def load_exported(path):
 
     kwargs = exported_kwargs(path)
     if kwargs is None:
-        raise MissingFileError(f"{path}.json is missing: mimzoo-export writes it beside {path} with the "
-                               "timm.create_model arguments (head count...) the weights cannot tell; export again "
-                               "or copy it along")
+        raise MissingFileError(
+            f"{path}.json is missing: mimzoo-export writes it beside {path} with the "
+            "timm.create_model arguments (head count...) the weights cannot tell; export again "
+            "or copy it along"
+        )
     model = timm.create_model(**kwargs)
     model.load_state_dict(read_official(path), strict=True)
     return model
@@ -202,13 +226,21 @@ def load_exported(path):
 
 def export_main(argv=None):
     """``mimzoo-export <ckpt> <out> [--format timm|hf|hf-vit]``."""
-    parser = argparse.ArgumentParser(prog="mimzoo-export", description="Export a mimzoo encoder as a timm ViT state dict "
-                                     "or a Hugging Face transformers directory.")
+    parser = argparse.ArgumentParser(
+        prog="mimzoo-export",
+        description="Export a mimzoo encoder as a timm ViT state dict or a Hugging Face transformers directory.",
+    )
     parser.add_argument("ckpt", help="mimzoo checkpoint (e.g. runs/.../checkpoints/last.ckpt)")
-    parser.add_argument("out", help="timm: output .pth (state dict; kwargs go to <out>.json); hf, hf-vit: output directory")
-    parser.add_argument("--format", choices=("timm", "hf", "hf-vit"), default="timm",
-                        help="timm (default); hf: ViTMAEForPreTraining for MAE, ViTModel for other ViT encoders; "
-                             "hf-vit: ViTModel (the backbone only)")
+    parser.add_argument(
+        "out", help="timm: output .pth (state dict; kwargs go to <out>.json); hf, hf-vit: output directory"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("timm", "hf", "hf-vit"),
+        default="timm",
+        help="timm (default); hf: ViTMAEForPreTraining for MAE, ViTModel for other ViT encoders; "
+        "hf-vit: ViTModel (the backbone only)",
+    )
     args = parser.parse_args(argv)
     with user_errors("mimzoo-export"):
         if args.format == "timm":
@@ -216,16 +248,20 @@ def export_main(argv=None):
         else:
             cls = export_hf(args.ckpt, args.out, backbone_only=args.format == "hf-vit")
     if args.format == "timm":
-        print(f"wrote {args.out} and {args.out}.json ({kwargs['model_name']}; "
-              f"{kwargs['pretrained_cfg_overlay']['notes']}); load it with:\n"
-              f"  model = timm.create_model(**json.load(open({args.out + '.json'!r})))\n"
-              f"  model.load_state_dict(torch.load({args.out!r}), strict=True)\n"
-              f"  data_cfg = timm.data.resolve_data_config({{}}, model=model)  # input size, mean, std, crop")
+        print(
+            f"wrote {args.out} and {args.out}.json ({kwargs['model_name']}; "
+            f"{kwargs['pretrained_cfg_overlay']['notes']}); load it with:\n"
+            f"  model = timm.create_model(**json.load(open({args.out + '.json'!r})))\n"
+            f"  model.load_state_dict(torch.load({args.out!r}), strict=True)\n"
+            f"  data_cfg = timm.data.resolve_data_config({{}}, model=model)  # input size, mean, std, crop"
+        )
     else:
         extra = ", add_pooling_layer=False" if cls == "ViTModel" else ""
-        print(f"wrote {args.out}/ ({cls}); load it with:\n"
-              f"  model = transformers.{cls}.from_pretrained({args.out!r}{extra})\n"
-              f"  processor = transformers.AutoImageProcessor.from_pretrained({args.out!r})")
+        print(
+            f"wrote {args.out}/ ({cls}); load it with:\n"
+            f"  model = transformers.{cls}.from_pretrained({args.out!r}{extra})\n"
+            f"  processor = transformers.AutoImageProcessor.from_pretrained({args.out!r})"
+        )
 
 
 # --- official checkpoints in ------------------------------------------------------------------
@@ -277,8 +313,11 @@ def load_official(method: str, path, **model_overrides):
 def import_official(method: str, src, out_ckpt, **model_overrides) -> Path:
     """Convert an official checkpoint into a mimzoo checkpoint that :func:`load_pretrained` reads."""
     model = load_official(method, src, **model_overrides)
-    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-            "pytorch-lightning_version": lightning.__version__}  # so ``MAE.load_from_checkpoint`` works too
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }  # so ``MAE.load_from_checkpoint`` works too
     model.on_save_checkpoint(ckpt)  # the same "mimzoo" entry a training run writes
     ckpt["mimzoo"]["imported_from"] = str(src)
     out = Path(out_ckpt)
@@ -296,11 +335,14 @@ def import_official(method: str, src, out_ckpt, **model_overrides) -> Path:
 def import_main(argv=None):
     """``mimzoo-import <method> <official.pth> <out.ckpt> [key=value ...]``."""
     parser = argparse.ArgumentParser(
-        prog="mimzoo-import", description="Convert an official checkpoint into a mimzoo checkpoint.",
+        prog="mimzoo-import",
+        description="Convert an official checkpoint into a mimzoo checkpoint.",
         epilog="overrides use dotted keys, e.g. norm_pix_loss=false encoder.num_heads=12 decoder.num_heads=16",
     )
     parser.add_argument("method", choices=known_sources())
-    parser.add_argument("src", help="official checkpoint, e.g. mae_pretrain_vit_base.pth (hf: a save_pretrained directory)")
+    parser.add_argument(
+        "src", help="official checkpoint, e.g. mae_pretrain_vit_base.pth (hf: a save_pretrained directory)"
+    )
     parser.add_argument("out", help="mimzoo checkpoint to write, e.g. mae_base.ckpt")
     parser.add_argument("overrides", nargs="*", help="constructor arguments as key=value (dotted for nesting)")
     args = parser.parse_args(argv)

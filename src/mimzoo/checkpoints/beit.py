@@ -25,8 +25,14 @@ import warnings
 from omegaconf import OmegaConf
 
 from mimzoo.checkpoints import register_importer
-from mimzoo.checkpoints.convert import (beit_encoder_sizes, drop_relative_position_index, load_strict, model_state,
-                                        official_args, rename)
+from mimzoo.checkpoints.convert import (
+    beit_encoder_sizes,
+    drop_relative_position_index,
+    load_strict,
+    model_state,
+    official_args,
+    rename,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +55,25 @@ def _ours(key: str) -> str:
 
 def _official_name(key: str) -> str:
     old = rename(key, [(new, old) for old, new in _RENAMES])
-    return old[len("encoder."):] if old.startswith("encoder.") else old
+    return old[len("encoder.") :] if old.startswith("encoder.") else old
 
 
 def not_beit(ckpt, sd: dict | None, path: str, method: str = "beit") -> str | None:
     """One line naming the importer for a file of another method, or None when it may be BEiT-style."""
     if isinstance(ckpt, dict) and "teacher" in ckpt and "student" in ckpt:
-        return (f"{path} is an iBOT/DINO training checkpoint (teacher, student): "
-                f"use `mimzoo-import ibot {path} out.ckpt`")
+        return (
+            f"{path} is an iBOT/DINO training checkpoint (teacher, student): use `mimzoo-import ibot {path} out.ckpt`"
+        )
     if sd is None:
         return None
     if any(k.startswith("decoder_") for k in sd):
         which = "convmae" if "patch_embed1.proj.weight" in sd else "mae"
         return f"{path} is a {which.upper()} checkpoint (decoder_* keys): use `mimzoo-import {which} {path} out.ckpt`"
     if "blocks.0.attn.qkv.bias" in sd:
-        return (f"{path} is a plain ViT (attn.qkv.bias: MAE, iBOT, DeiT weights), not a BEiT-style one "
-                f"(attn.q_bias/v_bias): use `mimzoo-import mae` or `mimzoo-import ibot`")
+        return (
+            f"{path} is a plain ViT (attn.qkv.bias: MAE, iBOT, DeiT weights), not a BEiT-style one "
+            f"(attn.q_bias/v_bias): use `mimzoo-import mae` or `mimzoo-import ibot`"
+        )
     if method == "beit" and any(k.startswith("encoder.") for k in sd) and "decoder.0.weight" in sd:
         return f"{path} is a SimMIM checkpoint (encoder.*, decoder.0.*): use `mimzoo-import simmim {path} out.ckpt`"
     if method != "beit" and "lm_head.weight" in sd:
@@ -97,8 +106,9 @@ def _import_beit(ckpt, path: str, overrides: dict):
     wrong = not_beit(ckpt, sd, path)
     required = ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight")
     if wrong or any(k not in sd for k in required):
-        raise ValueError(wrong or f"{path} is not a BEiT checkpoint: missing "
-                                  f"{[k for k in required if k not in sd]}; {_HINT}")
+        raise ValueError(
+            wrong or f"{path} is not a BEiT checkpoint: missing {[k for k in required if k not in sd]}; {_HINT}"
+        )
     overrides = dict(overrides)
     tokenizer = overrides.pop("tokenizer", None)  # may be a module: kept out of the OmegaConf merge
     encoder = beit_encoder_sizes(sd, path, img_size=(overrides.get("encoder") or {}).get("img_size"))
@@ -117,25 +127,37 @@ def _import_beit(ckpt, path: str, overrides: dict):
     except ImportError as err:  # the DALL-E tokenizer without its package: a user's fix, not a traceback
         raise ValueError(str(err)) from err
     if lm_head is not None and model.head.out_features != lm_head.shape[0]:
-        raise ValueError(f"{path}: lm_head predicts {lm_head.shape[0]} codes but the tokenizer has "
-                         f"{model.head.out_features}; give the tokenizer the checkpoint was trained with "
-                         f"({_trained_with(args)})")
-    state = {_ours(k): v for k, v in drop_relative_position_index(sd, model.grid_size[0], path).items()
-             if not k.startswith("head.")}  # a fine-tuned classifier (pre-training has lm_head instead)
+        raise ValueError(
+            f"{path}: lm_head predicts {lm_head.shape[0]} codes but the tokenizer has "
+            f"{model.head.out_features}; give the tokenizer the checkpoint was trained with "
+            f"({_trained_with(args)})"
+        )
+    state = {
+        _ours(k): v
+        for k, v in drop_relative_position_index(sd, model.grid_size[0], path).items()
+        if not k.startswith("head.")
+    }  # a fine-tuned classifier (pre-training has lm_head instead)
     fresh = [name for name in ("encoder.mask_token", "head.weight", "head.bias") if name not in state]
     if fresh:
         own = model.state_dict()
         state.update({name: own[name] for name in fresh})
-        classifier = f" (its {sd['head.weight'].shape[0]}-class classifier head is dropped)" if "head.weight" in sd \
-            else ""
+        classifier = (
+            f" (its {sd['head.weight'].shape[0]}-class classifier head is dropped)" if "head.weight" in sd else ""
+        )
         if tokenizer is not None:
-            warnings.warn(f"{path} has no {', '.join(_official_name(n) for n in fresh)}{classifier}: they are freshly "
-                          "initialised, so the MIM loss is meaningless until they are trained", stacklevel=3)
+            warnings.warn(
+                f"{path} has no {', '.join(_official_name(n) for n in fresh)}{classifier}: they are freshly "
+                "initialised, so the MIM loss is meaningless until they are trained",
+                stacklevel=3,
+            )
         else:
             log.info("%s: %s freshly initialised%s", path, ", ".join(_official_name(n) for n in fresh), classifier)
     if tokenizer is None:
-        log.info("%s imported without a tokenizer: features, mimzoo-eval and export work; the loss needs "
-                 "tokenizer=... (%s)", path, _trained_with(args))
+        log.info(
+            "%s imported without a tokenizer: features, mimzoo-eval and export work; the loss needs tokenizer=... (%s)",
+            path,
+            _trained_with(args),
+        )
     return load_strict(model, state, _official_name, path, _HINT)
 
 

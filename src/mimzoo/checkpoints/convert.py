@@ -11,8 +11,8 @@ import math
 import re
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -45,12 +45,20 @@ def read_official(path):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in pickle or zip, whatever the type
         found = re.search(r"(Unsupported [^\n]*?)(?: was not an allowed global by default|\n|$)", str(err))
-        why = (found.group(1).strip() if found else "empty or truncated" if isinstance(err, EOFError)
-               else "not written by torch.save" if isinstance(err, KeyError)
-               else f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0].split('. ')[0][:140]}")
-        raise CheckpointError(f"{path} is not a checkpoint torch.load can read safely ({why}); pass the .pth file "
-                              "the official training script or release wrote (if it is cut short: download or copy "
-                              "it again)") from err
+        why = (
+            found.group(1).strip()
+            if found
+            else "empty or truncated"
+            if isinstance(err, EOFError)
+            else "not written by torch.save"
+            if isinstance(err, KeyError)
+            else f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0].split('. ')[0][:140]}"
+        )
+        raise CheckpointError(
+            f"{path} is not a checkpoint torch.load can read safely ({why}); pass the .pth file "
+            "the official training script or release wrote (if it is cut short: download or copy "
+            "it again)"
+        ) from err
     if isinstance(ckpt, dict) and "mimzoo" in ckpt:
         raise ValueError(f"{path} is already a mimzoo checkpoint; load it with mimzoo.load_pretrained")
     return ckpt
@@ -87,13 +95,13 @@ def rename(key: str, pairs) -> str:
     """``key`` with the first matching ``(old, new)`` applied: a whole key, or a prefix when ``old`` ends in '.'."""
     for old, new in pairs:
         if key == old or (old.endswith(".") and key.startswith(old)):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
 def num_blocks(sd: dict, prefix: str) -> int:
     """How many ``<prefix><i>.`` blocks the state dict holds."""
-    return 1 + max((int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)), default=-1)
+    return 1 + max((int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)), default=-1)
 
 
 def standard_heads(dim: int) -> int:
@@ -108,8 +116,10 @@ def square_grid(num_positions: int, patch_shapes, path: str) -> int:
     grid = math.isqrt(num_positions)
     if grid * grid != num_positions or any(h != w for h, w in patch_shapes):
         shown = ", ".join(f"{h}x{w}" for h, w in patch_shapes)
-        raise ValueError(f"{path}: only square patches on a square grid are supported "
-                         f"(patch {shown}, {num_positions} position slots)")
+        raise ValueError(
+            f"{path}: only square patches on a square grid are supported "
+            f"(patch {shown}, {num_positions} position slots)"
+        )
     return grid
 
 
@@ -130,9 +140,11 @@ def heads_for(dim: int, path: str, given: int | None = None) -> int:
         log.info("num_heads=%s from %s.json (mimzoo-export)", exported["num_heads"], path)
         return int(exported["num_heads"])
     if dim not in _STANDARD_HEADS:
-        warnings.warn(f"{path}: the weights do not tell the head count; {standard_heads(dim)} assumed for width {dim} "
-                      "(no standard ViT has it). Pass encoder.num_heads=<heads> if it was trained with another",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: the weights do not tell the head count; {standard_heads(dim)} assumed for width {dim} "
+            "(no standard ViT has it). Pass encoder.num_heads=<heads> if it was trained with another",
+            stacklevel=3,
+        )
     return standard_heads(dim)
 
 
@@ -143,8 +155,15 @@ def vit_encoder_sizes(sd: dict, path: str, num_heads: int | None = None) -> dict
     dim, in_chans, *patch = sd["patch_embed.proj.weight"].shape
     grid = square_grid(sd["pos_embed"].shape[1] - 1, [patch], path)
     depth, mlp_ratio = block_sizes(sd, "blocks.", dim)
-    return dict(img_size=grid * patch[0], patch_size=patch[0], embed_dim=dim, depth=depth,
-                num_heads=heads_for(dim, path, num_heads), mlp_ratio=mlp_ratio, in_chans=in_chans)
+    return dict(
+        img_size=grid * patch[0],
+        patch_size=patch[0],
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads_for(dim, path, num_heads),
+        mlp_ratio=mlp_ratio,
+        in_chans=in_chans,
+    )
 
 
 def _grid_from_table(rows: int) -> int | None:
@@ -167,8 +186,11 @@ def beit_encoder_sizes(sd: dict, path: str, img_size: int | None = None) -> dict
     the layer-scale *initial* value is not in the weights (0.1, BEiT's default, when gammas exist).
     """
     dim, in_chans, *patch = sd["patch_embed.proj.weight"].shape
-    tables = [k for k in ("rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table")
-              if k in sd]
+    tables = [
+        k
+        for k in ("rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table")
+        if k in sd
+    ]
     grids = {}
     if "pos_embed" in sd:
         grids["pos_embed"] = square_grid(sd["pos_embed"].shape[1] - 1, [patch], path)
@@ -184,19 +206,29 @@ def beit_encoder_sizes(sd: dict, path: str, img_size: int | None = None) -> dict
     if grids:
         img_size = next(iter(grids.values())) * patch[0]
     elif img_size is None:
-        raise ValueError(f"{path} has no position tensor (no pos_embed, no relative position table) to tell the "
-                         "image size; pass it: encoder.img_size=224 (encoder={'img_size': 224})")
+        raise ValueError(
+            f"{path} has no position tensor (no pos_embed, no relative position table) to tell the "
+            "image size; pass it: encoder.img_size=224 (encoder={'img_size': 224})"
+        )
     square_grid(1, [patch], path)  # square patches
     heads = {int(sd[k].shape[1]) for k in tables}
     if len(heads) > 1:
         raise ValueError(f"{path}: the relative position tables disagree on the head count ({sorted(heads)})")
     depth, mlp_ratio = block_sizes(sd, "blocks.", dim)
-    return dict(img_size=int(img_size), patch_size=int(patch[0]), embed_dim=int(dim), depth=depth,
-                num_heads=heads.pop() if heads else standard_heads(dim), mlp_ratio=mlp_ratio, in_chans=int(in_chans),
-                layer_scale_init=0.1 if "blocks.0.gamma_1" in sd else None, use_abs_pos_emb="pos_embed" in sd,
-                use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in sd,
-                use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in sd,
-                global_pool="avg" if "fc_norm.weight" in sd else "token")
+    return dict(
+        img_size=int(img_size),
+        patch_size=int(patch[0]),
+        embed_dim=int(dim),
+        depth=depth,
+        num_heads=heads.pop() if heads else standard_heads(dim),
+        mlp_ratio=mlp_ratio,
+        in_chans=int(in_chans),
+        layer_scale_init=0.1 if "blocks.0.gamma_1" in sd else None,
+        use_abs_pos_emb="pos_embed" in sd,
+        use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in sd,
+        use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in sd,
+        global_pool="avg" if "fc_norm.weight" in sd else "token",
+    )
 
 
 def drop_relative_position_index(sd: dict, grid: int, path: str, prefix: str = "") -> dict:
@@ -210,8 +242,10 @@ def drop_relative_position_index(sd: dict, grid: int, path: str, prefix: str = "
         if not k.endswith("relative_position_index"):
             out[k] = v
         elif not torch.equal(v.long(), expected):
-            raise ValueError(f"{path}: {prefix}{k} is not the relative position index of a {grid}x{grid} patch grid; "
-                             "the file was not written by BEiT/SimMIM/timm code for this grid")
+            raise ValueError(
+                f"{path}: {prefix}{k} is not the relative position index of a {grid}x{grid} patch grid; "
+                "the file was not written by BEiT/SimMIM/timm code for this grid"
+            )
     return out
 
 
@@ -220,15 +254,21 @@ def load_strict(model, state: dict, official_name: Callable[[str], str], path: s
     ours = model.state_dict()
     unexpected = sorted(official_name(k) for k in state.keys() - ours.keys())
     missing = sorted(official_name(k) for k in ours.keys() - state.keys())
-    shapes = sorted(f"{official_name(k)} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
-                    for k, v in state.items() if k in ours and v.shape != ours[k].shape)
+    shapes = sorted(
+        f"{official_name(k)} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
+        for k, v in state.items()
+        if k in ours and v.shape != ours[k].shape
+    )
     if unexpected or missing or shapes:
+
         def show(name, keys):
             return f"\n  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" if keys else ""
 
         raise ValueError(
             f"{path} does not match {type(model).__name__}:"
-            + show("unexpected keys", unexpected) + show("missing keys", missing) + show("shape mismatches", shapes)
+            + show("unexpected keys", unexpected)
+            + show("missing keys", missing)
+            + show("shape mismatches", shapes)
             + f"\n{hint}"
         )
     model.load_state_dict(state, strict=True)

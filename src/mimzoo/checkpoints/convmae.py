@@ -11,8 +11,15 @@ import warnings
 from omegaconf import OmegaConf
 
 from mimzoo.checkpoints import register_importer
-from mimzoo.checkpoints.convert import (block_sizes, load_strict, model_state, official_args, rename, square_grid,
-                                        standard_heads)
+from mimzoo.checkpoints.convert import (
+    block_sizes,
+    load_strict,
+    model_state,
+    official_args,
+    rename,
+    square_grid,
+    standard_heads,
+)
 from mimzoo.checkpoints.mae import DECODER_RENAMES, decoder_sizes
 
 log = logging.getLogger(__name__)
@@ -31,7 +38,7 @@ def _ours(key: str) -> str:
 
 def _official_name(key: str) -> str:
     old = rename(key, [(new, old) for old, new in DECODER_RENAMES])
-    return old[len("encoder."):] if old.startswith("encoder.") else old
+    return old[len("encoder.") :] if old.startswith("encoder.") else old
 
 
 @register_importer("convmae")
@@ -40,29 +47,45 @@ def _import_convmae(ckpt, path: str, overrides: dict):
     from mimzoo.methods.convmae import ConvMAE
 
     sd = model_state(ckpt, path)
-    required = [f"patch_embed{i}.proj.weight" for i in (1, 2, 3)] + ["patch_embed4.weight", "pos_embed",
-                                                                     "blocks3.0.mlp.fc1.weight"]
+    required = [f"patch_embed{i}.proj.weight" for i in (1, 2, 3)] + [
+        "patch_embed4.weight",
+        "pos_embed",
+        "blocks3.0.mlp.fc1.weight",
+    ]
     if any(k not in sd for k in required):
-        raise ValueError(f"{path} is not a ConvMAE checkpoint: missing {[k for k in required if k not in sd]}"
-                         f"\n{_HINT}")
+        raise ValueError(f"{path} is not a ConvMAE checkpoint: missing {[k for k in required if k not in sd]}\n{_HINT}")
     convs = [sd[f"patch_embed{i}.proj.weight"] for i in (1, 2, 3)]
     dims = [int(w.shape[0]) for w in convs]
     patches = [int(w.shape[-1]) for w in convs]
     grid = square_grid(sd["pos_embed"].shape[1], [w.shape[-2:] for w in convs], path)  # no class slot
     depth, mlp_ratio = zip(*(block_sizes(sd, f"blocks{i + 1}.", dims[i]) for i in range(3)))
-    encoder = dict(img_size=grid * patches[0] * patches[1] * patches[2], patch_size=patches, embed_dim=dims,
-                   depth=list(depth), num_heads=standard_heads(dims[2]), mlp_ratio=list(mlp_ratio),
-                   in_chans=int(convs[0].shape[1]))
+    encoder = dict(
+        img_size=grid * patches[0] * patches[1] * patches[2],
+        patch_size=patches,
+        embed_dim=dims,
+        depth=list(depth),
+        num_heads=standard_heads(dims[2]),
+        mlp_ratio=list(mlp_ratio),
+        in_chans=int(convs[0].shape[1]),
+    )
     has_decoder, decoder = decoder_sizes(sd)
     args = official_args(ckpt)
     hparams = dict(encoder=encoder, decoder=decoder, norm_pix_loss=getattr(args, "norm_pix_loss", True))
     hparams = OmegaConf.to_container(OmegaConf.merge(hparams, overrides))
-    log.info("ConvMAE from %s: encoder %s, decoder %s, norm_pix_loss=%s", path, hparams["encoder"],
-             hparams["decoder"], hparams["norm_pix_loss"])
+    log.info(
+        "ConvMAE from %s: encoder %s, decoder %s, norm_pix_loss=%s",
+        path,
+        hparams["encoder"],
+        hparams["decoder"],
+        hparams["norm_pix_loss"],
+    )
     model = ConvMAE(**hparams)
     state = {_ours(k): v for k, v in sd.items()}
     if not has_decoder:
-        warnings.warn(f"{path} has no decoder weights; the decoder {hparams['decoder']} is freshly initialised, "
-                      "so reconstructions and the loss are meaningless until it is trained", stacklevel=3)
+        warnings.warn(
+            f"{path} has no decoder weights; the decoder {hparams['decoder']} is freshly initialised, "
+            "so reconstructions and the loss are meaningless until it is trained",
+            stacklevel=3,
+        )
         state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
     return load_strict(model, state, _official_name, path, _HINT)

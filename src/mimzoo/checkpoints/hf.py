@@ -48,33 +48,74 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-6  # mimzoo's ViT and MAE decoder norms
 # ViTMAEConfig's defaults, for keys a config.json leaves out
-_VIT_MAE_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                         hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
-                         qkv_bias=True, decoder_num_attention_heads=16, decoder_hidden_size=512,
-                         decoder_num_hidden_layers=8, decoder_intermediate_size=2048, mask_ratio=0.75,
-                         norm_pix_loss=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_VIT_MAE_DEFAULTS = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    qkv_bias=True,
+    decoder_num_attention_heads=16,
+    decoder_hidden_size=512,
+    decoder_num_hidden_layers=8,
+    decoder_intermediate_size=2048,
+    mask_ratio=0.75,
+    norm_pix_loss=False,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 
 # --- names: ours -> transformers 4.x ---------------------------------------------------------------
 _QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
-_BLOCK = {"attn.qkv": _QKV, "attn.proj": ("attention.output.dense",), "norm1": ("layernorm_before",),
-          "norm2": ("layernorm_after",), "mlp.fc1": ("intermediate.dense",), "mlp.fc2": ("output.dense",)}
+_BLOCK = {
+    "attn.qkv": _QKV,
+    "attn.proj": ("attention.output.dense",),
+    "norm1": ("layernorm_before",),
+    "norm2": ("layernorm_after",),
+    "mlp.fc1": ("intermediate.dense",),
+    "mlp.fc2": ("output.dense",),
+}
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
 # (timm ViT names, HF prefix of its layers), (MAEDecoder names, HF prefix of its layers)
-_VIT = ({"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-         "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-         "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-         "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}, "encoder.layer.")
-_DECODER = ({"embed.weight": "decoder_embed.weight", "embed.bias": "decoder_embed.bias", "mask_token": "mask_token",
-             "pos_embed": "decoder_pos_embed", "norm.weight": "decoder_norm.weight", "norm.bias": "decoder_norm.bias",
-             "pred.weight": "decoder_pred.weight", "pred.bias": "decoder_pred.bias"}, "decoder_layers.")
+_VIT = (
+    {
+        "cls_token": "embeddings.cls_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+        "norm.weight": "layernorm.weight",
+        "norm.bias": "layernorm.bias",
+    },
+    "encoder.layer.",
+)
+_DECODER = (
+    {
+        "embed.weight": "decoder_embed.weight",
+        "embed.bias": "decoder_embed.bias",
+        "mask_token": "mask_token",
+        "pos_embed": "decoder_pos_embed",
+        "norm.weight": "decoder_norm.weight",
+        "norm.bias": "decoder_norm.bias",
+        "pred.weight": "decoder_pred.weight",
+        "pred.bias": "decoder_pred.bias",
+    },
+    "decoder_layers.",
+)
 # transformers 5.x module names -> 4.x file names
-_V5_NAMES = ((r"^(vit\.)?layers\.(\d+)\.", r"\1encoder.layer.\2."),
-             (r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),
-             (r"\.attention\.q_proj\.", ".attention.attention.query."),
-             (r"\.attention\.k_proj\.", ".attention.attention.key."),
-             (r"\.attention\.v_proj\.", ".attention.attention.value."),
-             (r"\.attention\.o_proj\.", ".attention.output.dense."),
-             (r"\.mlp\.fc1\.", ".intermediate.dense."), (r"\.mlp\.fc2\.", ".output.dense."))
+_V5_NAMES = (
+    (r"^(vit\.)?layers\.(\d+)\.", r"\1encoder.layer.\2."),
+    (r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+)
 
 
 def _hf_names(key: str, part: tuple[dict, str], prefix: str) -> tuple[str, ...]:
@@ -97,17 +138,19 @@ def hf_names(state_keys, backbone_only: bool = False) -> dict[str, tuple[str, ..
             if backbone_only:
                 names[key] = _hf_names(key, _VIT, "")
             elif key.startswith("encoder."):
-                names[key] = _hf_names(key[len("encoder."):], _VIT, "vit.")
+                names[key] = _hf_names(key[len("encoder.") :], _VIT, "vit.")
             elif key.startswith("decoder."):
-                names[key] = _hf_names(key[len("decoder."):], _DECODER, "decoder.")
+                names[key] = _hf_names(key[len("decoder.") :], _DECODER, "decoder.")
             else:
                 raise KeyError(key)
         except KeyError:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"transformers' ViT classes have no place for {', '.join(unknown[:8])}"
-                         f"{' ...' if len(unknown) > 8 else ''}: only a plain ViT (and MAE's decoder) exports to them; "
-                         "use --format timm")
+        raise CheckpointError(
+            f"transformers' ViT classes have no place for {', '.join(unknown[:8])}"
+            f"{' ...' if len(unknown) > 8 else ''}: only a plain ViT (and MAE's decoder) exports to them; "
+            "use --format timm"
+        )
     return names
 
 
@@ -147,8 +190,10 @@ def hf_noise(mask: torch.Tensor, mask_ratio: float | None = None) -> torch.Tenso
     if not bool((visible == visible[0]).all()):
         raise CheckpointError("every row must keep the same number of patches (HF keeps int(L * (1 - mask_ratio)))")
     if mask_ratio is not None and int(length * (1 - mask_ratio)) != int(visible[0]):
-        raise CheckpointError(f"HF keeps int({length} * (1 - {mask_ratio})) = {int(length * (1 - mask_ratio))} patches "
-                         f"but the mask leaves {int(visible[0])} visible")
+        raise CheckpointError(
+            f"HF keeps int({length} * (1 - {mask_ratio})) = {int(length * (1 - mask_ratio))} patches "
+            f"but the mask leaves {int(visible[0])} visible"
+        )
     return (mask.long() * length + torch.arange(length, device=mask.device)).float()
 
 
@@ -170,13 +215,17 @@ def read_hf_dir(path) -> dict:
     if not path.is_dir():
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-        raise CheckpointError(f"{path} is a file; mimzoo-import hf reads a save_pretrained directory "
-                         "(config.json + model.safetensors or pytorch_model.bin)")
+        raise CheckpointError(
+            f"{path} is a file; mimzoo-import hf reads a save_pretrained directory "
+            "(config.json + model.safetensors or pytorch_model.bin)"
+        )
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: not a transformers save_pretrained directory")
     config = json.loads((path / "config.json").read_text())
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
         if (path / single).is_file():
             files = [path / single]
         elif (path / index).is_file():
@@ -214,9 +263,11 @@ def mae_hparams(config: dict, path: str, layer_norm_eps=None) -> dict:
     mimzoo's MAE cannot represent exactly. ``layer_norm_eps=1e-6`` accepts a config with another eps
     (the facebook/vit-mae-* configs say 1e-12 for weights facebookresearch/mae trained with 1e-6)."""
     if config.get("model_type") != "vit_mae":
-        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r}, expected 'vit_mae' (ViTMAEForPreTraining "
-                         "or ViTMAEModel). mimzoo-import hf reads Hugging Face MAE directories; a plain ViT backbone "
-                         "is a fine-tuning model, not a pre-training one")
+        raise CheckpointError(
+            f"{path}: model_type {config.get('model_type')!r}, expected 'vit_mae' (ViTMAEForPreTraining "
+            "or ViTMAEModel). mimzoo-import hf reads Hugging Face MAE directories; a plain ViT backbone "
+            "is a fine-tuning model, not a pre-training one"
+        )
     cfg = {**_VIT_MAE_DEFAULTS, **config}
     problems = []
     if cfg["hidden_act"] != "gelu":
@@ -235,41 +286,70 @@ def mae_hparams(config: dict, path: str, layer_norm_eps=None) -> dict:
             problems.append(
                 f"layer_norm_eps={eps:g} (mimzoo's ViT and decoder norms use {EPS:g}). The facebook/vit-mae-* configs "
                 f"say 1e-12, the transformers default, for weights facebookresearch/mae trained with {EPS:g}: add the "
-                f"override layer_norm_eps={EPS:g} to import such a model with mimzoo's eps")
+                f"override layer_norm_eps={EPS:g} to import such a model with mimzoo's eps"
+            )
         elif float(layer_norm_eps) != EPS:
             problems.append(f"override layer_norm_eps={layer_norm_eps} (the only value mimzoo can use is {EPS:g})")
         else:
-            log.warning("%s: config.json has layer_norm_eps=%g; importing with %g as asked (layer norm outputs "
-                        "change by about (%g - %g) / (2 var) relative)", path, eps, EPS, EPS, eps)
+            log.warning(
+                "%s: config.json has layer_norm_eps=%g; importing with %g as asked (layer norm outputs "
+                "change by about (%g - %g) / (2 var) relative)",
+                path,
+                eps,
+                EPS,
+                EPS,
+                eps,
+            )
     img = _square(cfg["image_size"], "image_size", problems)
     patch = _square(cfg["patch_size"], "patch_size", problems)
     mlp = _mlp_ratio(cfg["intermediate_size"], cfg["hidden_size"], "intermediate_size", problems)
-    d_mlp = _mlp_ratio(cfg["decoder_intermediate_size"], cfg["decoder_hidden_size"], "decoder_intermediate_size",
-                       problems)
+    d_mlp = _mlp_ratio(
+        cfg["decoder_intermediate_size"], cfg["decoder_hidden_size"], "decoder_intermediate_size", problems
+    )
     if problems:
-        raise CheckpointError(f"{path}/config.json cannot be represented exactly by mimzoo's MAE:\n  - "
-                         + "\n  - ".join(problems))
+        raise CheckpointError(
+            f"{path}/config.json cannot be represented exactly by mimzoo's MAE:\n  - " + "\n  - ".join(problems)
+        )
     dropout = {k: cfg[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if cfg[k]}
     if dropout:
         log.info("%s: %s ignored: mimzoo's MAE has no dropout (eval-mode outputs are the same)", path, dropout)
     num_patches = (img // patch) ** 2
     ratio = float(cfg["mask_ratio"])
     if 0 < ratio < 1 and int(num_patches * (1 - ratio)) != num_patches - num_masked(ratio, num_patches):
-        log.warning("%s: mask_ratio %g: HF keeps int(L * (1 - r)) = %d of %d patches, mimzoo masks round(r * L) "
-                    "and keeps %d", path, ratio, int(num_patches * (1 - ratio)), num_patches,
-                    num_patches - num_masked(ratio, num_patches))
+        log.warning(
+            "%s: mask_ratio %g: HF keeps int(L * (1 - r)) = %d of %d patches, mimzoo masks round(r * L) and keeps %d",
+            path,
+            ratio,
+            int(num_patches * (1 - ratio)),
+            num_patches,
+            num_patches - num_masked(ratio, num_patches),
+        )
     return dict(
-        encoder=dict(img_size=img, patch_size=patch, embed_dim=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
-                     num_heads=cfg["num_attention_heads"], mlp_ratio=mlp, in_chans=cfg["num_channels"]),
-        decoder=dict(dim=cfg["decoder_hidden_size"], depth=cfg["decoder_num_hidden_layers"],
-                     num_heads=cfg["decoder_num_attention_heads"], mlp_ratio=d_mlp),
-        mask={"name": "random", "ratio": ratio}, norm_pix_loss=bool(cfg["norm_pix_loss"]),
+        encoder=dict(
+            img_size=img,
+            patch_size=patch,
+            embed_dim=cfg["hidden_size"],
+            depth=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            mlp_ratio=mlp,
+            in_chans=cfg["num_channels"],
+        ),
+        decoder=dict(
+            dim=cfg["decoder_hidden_size"],
+            depth=cfg["decoder_num_hidden_layers"],
+            num_heads=cfg["decoder_num_attention_heads"],
+            mlp_ratio=d_mlp,
+        ),
+        mask={"name": "random", "ratio": ratio},
+        norm_pix_loss=bool(cfg["norm_pix_loss"]),
     )
 
 
-_HINT = ("mimzoo-import hf expects a transformers save_pretrained directory of ViTMAEForPreTraining (or ViTMAEModel, "
-         "encoder only). Classifiers (ViTMAEForImageClassification's classifier.*) and other models are not MAE "
-         "pre-training checkpoints. Shape mismatches come from a config.json that contradicts the weights, or overrides.")
+_HINT = (
+    "mimzoo-import hf expects a transformers save_pretrained directory of ViTMAEForPreTraining (or ViTMAEModel, "
+    "encoder only). Classifiers (ViTMAEForImageClassification's classifier.*) and other models are not MAE "
+    "pre-training checkpoints. Shape mismatches come from a config.json that contradicts the weights, or overrides."
+)
 
 
 @register_importer("hf", read=read_hf_dir)
@@ -281,8 +361,14 @@ def _import_hf(src: dict, path: str, overrides: dict):
     overrides = dict(overrides)
     hparams = mae_hparams(src["config"], path, overrides.pop("layer_norm_eps", None))
     hparams = OmegaConf.to_container(OmegaConf.merge(hparams, overrides))
-    log.info("MAE from %s: encoder %s, decoder %s, mask %s, norm_pix_loss=%s", path, hparams["encoder"],
-             hparams["decoder"], hparams["mask"], hparams["norm_pix_loss"])
+    log.info(
+        "MAE from %s: encoder %s, decoder %s, mask %s, norm_pix_loss=%s",
+        path,
+        hparams["encoder"],
+        hparams["decoder"],
+        hparams["mask"],
+        hparams["norm_pix_loss"],
+    )
     model = MAE(**hparams)
     hf = canonical_hf_names(src["state"])
     names = hf_names(model.state_dict())
@@ -292,8 +378,11 @@ def _import_hf(src: dict, path: str, overrides: dict):
             state[key] = torch.cat([hf[k] for k in hf_keys]) if len(hf_keys) > 1 else hf[hf_keys[0]]
             used.update(hf_keys)
     if not any(k.startswith("decoder.") for k in hf):  # ViTMAEModel: the encoder only
-        warnings.warn(f"{path} has no decoder weights (a ViTMAEModel); the decoder {hparams['decoder']} is freshly "
-                      "initialised, so reconstructions and the loss are meaningless until it is trained", stacklevel=3)
+        warnings.warn(
+            f"{path} has no decoder weights (a ViTMAEModel); the decoder {hparams['decoder']} is freshly "
+            "initialised, so reconstructions and the loss are meaningless until it is trained",
+            stacklevel=3,
+        )
         state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
     state.update({k: v for k, v in hf.items() if k not in used})  # unexpected: reported under their own names
     official = {key: "/".join(hf_keys) for key, hf_keys in names.items()}
@@ -307,8 +396,10 @@ def _plain_vit(encoder, what: str) -> None:
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     if not isinstance(encoder, VisionTransformer):
-        raise CheckpointError(f"{what} is a {type(encoder).__name__}, not a ViT: transformers' ViT classes cannot hold it; "
-                         "export it with --format timm")
+        raise CheckpointError(
+            f"{what} is a {type(encoder).__name__}, not a ViT: transformers' ViT classes cannot hold it; "
+            "export it with --format timm"
+        )
     problems = []
     if encoder.cls_token is None or encoder.num_prefix_tokens != 1 or getattr(encoder, "no_embed_class", False):
         problems.append("one [CLS] token with its own position slot, no register tokens")
@@ -320,8 +411,9 @@ def _plain_vit(encoder, what: str) -> None:
         elif block.attn.qkv.bias is None:
             problems.append(f"block {i} has no query/key/value bias")
     if problems:
-        raise CheckpointError(f"{what} is not a plain ViT that transformers' ViT layers compute exactly: "
-                         + "; ".join(problems))
+        raise CheckpointError(
+            f"{what} is not a plain ViT that transformers' ViT layers compute exactly: " + "; ".join(problems)
+        )
 
 
 def _layer_norm_eps(*modules) -> float:
@@ -333,11 +425,21 @@ def _layer_norm_eps(*modules) -> float:
 
 def _vit_config(encoder, eps: float) -> dict:
     block = encoder.blocks[0]
-    return dict(hidden_size=encoder.embed_dim, num_hidden_layers=len(encoder.blocks),
-                num_attention_heads=block.attn.num_heads, intermediate_size=block.mlp.fc1.out_features,
-                hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02,
-                layer_norm_eps=eps, image_size=int(encoder.patch_embed.img_size[0]),
-                patch_size=int(encoder.patch_embed.patch_size[0]), num_channels=int(encoder.in_chans), qkv_bias=True)
+    return dict(
+        hidden_size=encoder.embed_dim,
+        num_hidden_layers=len(encoder.blocks),
+        num_attention_heads=block.attn.num_heads,
+        intermediate_size=block.mlp.fc1.out_features,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.02,
+        layer_norm_eps=eps,
+        image_size=int(encoder.patch_embed.img_size[0]),
+        patch_size=int(encoder.patch_embed.patch_size[0]),
+        num_channels=int(encoder.in_chans),
+        qkv_bias=True,
+    )
 
 
 def image_processor_config(preprocessing: dict) -> dict:
@@ -345,11 +447,20 @@ def image_processor_config(preprocessing: dict) -> dict:
     ``round(size / crop_pct)`` (bicubic), centre-crop ``size``, scale to [0, 1], normalise."""
     _, h, w = preprocessing["input_size"]
     resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}[preprocessing["interpolation"]]
-    return {"image_processor_type": "BitImageProcessor", "do_convert_rgb": True, "do_resize": True,
-            "size": {"shortest_edge": int(round(h / preprocessing["crop_pct"]))}, "resample": resample,
-            "do_center_crop": True, "crop_size": {"height": h, "width": w}, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(preprocessing["mean"]),
-            "image_std": list(preprocessing["std"])}
+    return {
+        "image_processor_type": "BitImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": int(round(h / preprocessing["crop_pct"]))},
+        "resample": resample,
+        "do_center_crop": True,
+        "crop_size": {"height": h, "width": w},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(preprocessing["mean"]),
+        "image_std": list(preprocessing["std"]),
+    }
 
 
 def save_hf(model, out_dir, preprocessing: dict, backbone_only: bool = False) -> str:
@@ -375,17 +486,30 @@ def save_hf(model, out_dir, preprocessing: dict, backbone_only: bool = False) ->
         eps = _layer_norm_eps(encoder, decoder)
         block = decoder.blocks[0] if len(decoder.blocks) else None
         ratio = getattr(model.mask_strategy, "ratio", 0.75)
-        config = dict(architectures=["ViTMAEForPreTraining"], model_type="vit_mae", **_vit_config(encoder, eps),
-                      decoder_hidden_size=decoder.embed.out_features, decoder_num_hidden_layers=len(decoder.blocks),
-                      decoder_num_attention_heads=block.attn.num_heads if block else 16,
-                      decoder_intermediate_size=block.mlp.fc1.out_features if block else 4 * decoder.embed.out_features,
-                      mask_ratio=hf_mask_ratio(ratio, encoder.patch_embed.num_patches),
-                      norm_pix_loss=bool(model.norm_pix_loss))
-        state = to_hf_state({**{f"encoder.{k}": v for k, v in enc_state.items()},
-                             **{f"decoder.{k}": v for k, v in decoder.state_dict().items()}})
+        config = dict(
+            architectures=["ViTMAEForPreTraining"],
+            model_type="vit_mae",
+            **_vit_config(encoder, eps),
+            decoder_hidden_size=decoder.embed.out_features,
+            decoder_num_hidden_layers=len(decoder.blocks),
+            decoder_num_attention_heads=block.attn.num_heads if block else 16,
+            decoder_intermediate_size=block.mlp.fc1.out_features if block else 4 * decoder.embed.out_features,
+            mask_ratio=hf_mask_ratio(ratio, encoder.patch_embed.num_patches),
+            norm_pix_loss=bool(model.norm_pix_loss),
+        )
+        state = to_hf_state(
+            {
+                **{f"encoder.{k}": v for k, v in enc_state.items()},
+                **{f"decoder.{k}": v for k, v in decoder.state_dict().items()},
+            }
+        )
     else:
-        config = dict(architectures=["ViTModel"], model_type="vit", **_vit_config(encoder, _layer_norm_eps(encoder)),
-                      encoder_stride=int(encoder.patch_embed.patch_size[0]))
+        config = dict(
+            architectures=["ViTModel"],
+            model_type="vit",
+            **_vit_config(encoder, _layer_norm_eps(encoder)),
+            encoder_stride=int(encoder.patch_embed.patch_size[0]),
+        )
         state = to_hf_state(enc_state, backbone_only=True)
     config["dtype"] = "float32"
     out = Path(out_dir)

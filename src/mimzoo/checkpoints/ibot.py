@@ -22,10 +22,12 @@ from mimzoo.checkpoints.convert import load_strict, official_args, vit_encoder_s
 
 log = logging.getLogger(__name__)
 
-_HEAD_RENAMES = (("last_layer.weight_g", "last_layer.parametrizations.weight.original0"),
-                 ("last_layer.weight_v", "last_layer.parametrizations.weight.original1"),
-                 ("last_layer2.weight_g", "last_layer2.parametrizations.weight.original0"),
-                 ("last_layer2.weight_v", "last_layer2.parametrizations.weight.original1"))
+_HEAD_RENAMES = (
+    ("last_layer.weight_g", "last_layer.parametrizations.weight.original0"),
+    ("last_layer.weight_v", "last_layer.parametrizations.weight.original1"),
+    ("last_layer2.weight_g", "last_layer2.parametrizations.weight.original0"),
+    ("last_layer2.weight_v", "last_layer2.parametrizations.weight.original1"),
+)
 _HINT = (
     "mimzoo-import ibot expects a bytedance/ibot checkpoint: a training checkpoint (checkpoint.pth with "
     "'teacher', 'student' and 'ibot_loss') or a released backbone (checkpoint_teacher.pth, {'state_dict': ...} "
@@ -35,10 +37,14 @@ _HINT = (
 
 def _official_name(key: str) -> str:
     """Our key -> the official one, for error messages."""
-    for prefix, official in (("teacher_head.", "teacher: head."), ("student_head.", "student: head."),
-                             ("teacher.", "teacher: backbone."), ("student.", "student: backbone.")):
+    for prefix, official in (
+        ("teacher_head.", "teacher: head."),
+        ("student_head.", "student: head."),
+        ("teacher.", "teacher: backbone."),
+        ("student.", "student: backbone."),
+    ):
         if key.startswith(prefix):
-            rest = key[len(prefix):].replace("mask_token", "masked_embed")
+            rest = key[len(prefix) :].replace("mask_token", "masked_embed")
             for old, new in _HEAD_RENAMES:
                 rest = rest.replace(new, old)
             return official + rest
@@ -46,7 +52,7 @@ def _official_name(key: str) -> str:
 
 
 def _part(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _backbone(sd: dict, mask_token: torch.Tensor) -> dict:
@@ -67,22 +73,35 @@ def _head(sd: dict) -> dict:
 
 
 # main_ibot.py argument -> our iBOT argument (student_temp 0.1 and the centre momentum 0.9 are fixed there)
-_FROM_ARGS = (("teacher_temp", "teacher_temp"), ("teacher_patch_temp", "teacher_patch_temp"),
-              ("warmup_teacher_temp", "warmup_teacher_temp"),
-              ("warmup_teacher_patch_temp", "warmup_teacher_patch_temp"),
-              ("warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs"), ("lambda1", "lambda_cls"),
-              ("lambda2", "lambda_mim"), ("momentum_teacher", "momentum"), ("drop_path", "drop_path_rate"),
-              ("clip_grad", "clip_grad"), ("freeze_last_layer", "freeze_last_layer_epochs"))
-_VIEWS_FROM_ARGS = (("local_crops_number", "local_number"), ("global_crops_scale", "global_scale"),
-                    ("local_crops_scale", "local_scale"))
+_FROM_ARGS = (
+    ("teacher_temp", "teacher_temp"),
+    ("teacher_patch_temp", "teacher_patch_temp"),
+    ("warmup_teacher_temp", "warmup_teacher_temp"),
+    ("warmup_teacher_patch_temp", "warmup_teacher_patch_temp"),
+    ("warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs"),
+    ("lambda1", "lambda_cls"),
+    ("lambda2", "lambda_mim"),
+    ("momentum_teacher", "momentum"),
+    ("drop_path", "drop_path_rate"),
+    ("clip_grad", "clip_grad"),
+    ("freeze_last_layer", "freeze_last_layer_epochs"),
+)
+_VIEWS_FROM_ARGS = (
+    ("local_crops_number", "local_number"),
+    ("global_crops_scale", "global_scale"),
+    ("local_crops_scale", "local_scale"),
+)
 
 
 def _shared(part: dict) -> bool:
     """Whether a head's ``last_layer2`` is its ``last_layer`` (``state_dict`` lists a shared module twice)."""
     if "last_layer2.weight_v" not in part:
         return True
-    return all(part[f"last_layer2.{w}"].shape == part[f"last_layer.{w}"].shape
-               and torch.equal(part[f"last_layer2.{w}"], part[f"last_layer.{w}"]) for w in ("weight_g", "weight_v"))
+    return all(
+        part[f"last_layer2.{w}"].shape == part[f"last_layer.{w}"].shape
+        and torch.equal(part[f"last_layer2.{w}"], part[f"last_layer.{w}"])
+        for w in ("weight_g", "weight_v")
+    )
 
 
 def _head_sizes(s_head: dict, t_head: dict, args) -> dict:
@@ -95,9 +114,16 @@ def _head_sizes(s_head: dict, t_head: dict, args) -> dict:
     norm_last_layer = getattr(args, "norm_last_layer", None)
     if norm_last_layer is None:
         norm_last_layer = bool((s_head["last_layer.weight_g"] == 1).all())
-    return dict(out_dim=v1.shape[0], patch_out_dim=v2.shape[0], bottleneck_dim=v1.shape[1],
-                hidden_dim=s_head[f"mlp.{linears[0]}.weight"].shape[0], num_layers=len(linears),
-                shared_head=_shared(s_head), shared_head_teacher=_shared(t_head), norm_last_layer=bool(norm_last_layer))
+    return dict(
+        out_dim=v1.shape[0],
+        patch_out_dim=v2.shape[0],
+        bottleneck_dim=v1.shape[1],
+        hidden_dim=s_head[f"mlp.{linears[0]}.weight"].shape[0],
+        num_layers=len(linears),
+        shared_head=_shared(s_head),
+        shared_head_teacher=_shared(t_head),
+        norm_last_layer=bool(norm_last_layer),
+    )
 
 
 @register_importer("ibot")
@@ -130,14 +156,21 @@ def _import_ibot(ckpt, path: str, overrides: dict):
         views = {ours: getattr(args, name) for name, ours in _VIEWS_FROM_ARGS if hasattr(args, name)}
         hparams["views"] = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in views.items()}
     hparams = OmegaConf.to_container(OmegaConf.merge(hparams, overrides))
-    log.info("iBOT from %s (epoch %s): encoder %s, head %s", path, ckpt.get("epoch") if full else None,
-             hparams["encoder"], hparams["head"])
+    log.info(
+        "iBOT from %s (epoch %s): encoder %s, head %s",
+        path,
+        ckpt.get("epoch") if full else None,
+        hparams["encoder"],
+        hparams["head"],
+    )
     model = iBOT(**hparams)
     state = {}
     # The official teacher has no masked_embed and never masks: ours gets the student's (zeros, the
     # official initial value, when no backbone has one).
-    mask_token = next((b["masked_embed"].reshape(1, 1, -1) for b in (s_backbone, t_backbone) if "masked_embed" in b),
-                      torch.zeros_like(model.student.mask_token))
+    mask_token = next(
+        (b["masked_embed"].reshape(1, 1, -1) for b in (s_backbone, t_backbone) if "masked_embed" in b),
+        torch.zeros_like(model.student.mask_token),
+    )
     for name, backbone in (("teacher", t_backbone), ("student", s_backbone)):
         state.update({f"{name}.{k}": v for k, v in _backbone(backbone, mask_token).items()})
     if t_head:
@@ -147,8 +180,11 @@ def _import_ibot(ckpt, path: str, overrides: dict):
                 for _, new in _HEAD_RENAMES[:2]:
                     state.setdefault(f"{name}.{new.replace('last_layer', 'last_layer2', 1)}", state[f"{name}.{new}"])
     else:
-        warnings.warn(f"{path} holds a backbone only: the projection heads are freshly initialised and the "
-                      "centres are zero, so the iBOT loss is meaningless until they are trained", stacklevel=3)
+        warnings.warn(
+            f"{path} holds a backbone only: the projection heads are freshly initialised and the "
+            "centres are zero, so the iBOT loss is meaningless until they are trained",
+            stacklevel=3,
+        )
         state.update({k: v for k, v in model.state_dict().items() if k.startswith(("teacher_head.", "student_head."))})
     loss_state = ckpt.get("ibot_loss", {}) if full else {}
     if "center" in loss_state:

@@ -10,20 +10,25 @@ import warnings
 from omegaconf import OmegaConf
 
 from mimzoo.checkpoints import register_importer
-from mimzoo.checkpoints.convert import (load_strict, model_state, num_blocks, official_args, rename,
-                                        vit_encoder_sizes)
+from mimzoo.checkpoints.convert import load_strict, model_state, num_blocks, official_args, rename, vit_encoder_sizes
 
 log = logging.getLogger(__name__)
 
 # official name prefix -> ours (decoder entries first, so "blocks." never eats "decoder_blocks.")
 DECODER_RENAMES = (
-    ("decoder_embed.", "decoder.embed."), ("decoder_blocks.", "decoder.blocks."),
-    ("decoder_norm.", "decoder.norm."), ("decoder_pred.", "decoder.pred."),
-    ("decoder_pos_embed", "decoder.pos_embed"), ("mask_token", "decoder.mask_token"),
+    ("decoder_embed.", "decoder.embed."),
+    ("decoder_blocks.", "decoder.blocks."),
+    ("decoder_norm.", "decoder.norm."),
+    ("decoder_pred.", "decoder.pred."),
+    ("decoder_pos_embed", "decoder.pos_embed"),
+    ("mask_token", "decoder.mask_token"),
 )
 _RENAMES = DECODER_RENAMES + (
-    ("cls_token", "encoder.cls_token"), ("pos_embed", "encoder.pos_embed"), ("patch_embed.", "encoder.patch_embed."),
-    ("blocks.", "encoder.blocks."), ("norm.", "encoder.norm."),
+    ("cls_token", "encoder.cls_token"),
+    ("pos_embed", "encoder.pos_embed"),
+    ("patch_embed.", "encoder.patch_embed."),
+    ("blocks.", "encoder.blocks."),
+    ("norm.", "encoder.norm."),
 )
 _HINT = (
     "mimzoo-import mae expects a facebookresearch/mae pre-training checkpoint (mae_pretrain_vit_*.pth, "
@@ -59,22 +64,33 @@ def _import_mae(ckpt, path: str, overrides: dict):
     required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
     if any(k not in sd for k in required):
         unknown = sorted(k for k in sd if rename(k, _RENAMES) == k)
-        raise ValueError(f"{path} is not an MAE checkpoint: missing {[k for k in required if k not in sd]}"
-                         f"{f'; unknown keys {unknown[:8]}' if unknown else ''}\n{_HINT}")
+        raise ValueError(
+            f"{path} is not an MAE checkpoint: missing {[k for k in required if k not in sd]}"
+            f"{f'; unknown keys {unknown[:8]}' if unknown else ''}\n{_HINT}"
+        )
     encoder = vit_encoder_sizes(sd, path, (overrides.get("encoder") or {}).get("num_heads"))
     has_decoder, decoder = decoder_sizes(sd)
     args = official_args(ckpt)
     npl_from = "override" if "norm_pix_loss" in overrides else "args" if hasattr(args, "norm_pix_loss") else None
     hparams = dict(encoder=encoder, decoder=decoder, norm_pix_loss=getattr(args, "norm_pix_loss", True))
     hparams = OmegaConf.to_container(OmegaConf.merge(hparams, overrides))
-    log.info("MAE from %s: encoder %s, decoder %s, norm_pix_loss=%s (%s)", path, hparams["encoder"],
-             hparams["decoder"], hparams["norm_pix_loss"], npl_from or "default: not recorded in the file; "
-             "mae_visualize_* were trained without it, pass norm_pix_loss=false for them")
+    log.info(
+        "MAE from %s: encoder %s, decoder %s, norm_pix_loss=%s (%s)",
+        path,
+        hparams["encoder"],
+        hparams["decoder"],
+        hparams["norm_pix_loss"],
+        npl_from
+        or "default: not recorded in the file; "
+        "mae_visualize_* were trained without it, pass norm_pix_loss=false for them",
+    )
     model = MAE(**hparams)
     state = {rename(k, _RENAMES): v for k, v in sd.items()}
     if not has_decoder:  # released mae_pretrain_vit_*.pth carry the encoder only
-        warnings.warn(f"{path} has no decoder weights (encoder-only release); the decoder {hparams['decoder']} is "
-                      "freshly initialised, so reconstructions and the loss are meaningless until it is trained",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path} has no decoder weights (encoder-only release); the decoder {hparams['decoder']} is "
+            "freshly initialised, so reconstructions and the loss are meaningless until it is trained",
+            stacklevel=3,
+        )
         state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
     return load_strict(model, state, _official_name, path, _HINT)

@@ -48,15 +48,18 @@ def _import_simmim(ckpt, path: str, overrides: dict):
     sd = model_state(ckpt, path)
     if any(k.startswith("encoder.layers.") for k in sd):
         raise ValueError(f"{path} is a SimMIM Swin checkpoint (encoder.layers.*); only SimMIM's ViT is supported")
-    encoder_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    encoder_sd = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
     wrong = not_beit(ckpt, encoder_sd or sd, path, method="simmim")
     required = ("encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "decoder.0.weight")
     if wrong or any(k not in sd for k in required):
         if not wrong and "patch_embed.proj.weight" in sd:
-            wrong = (f"{path} is a ViT backbone without SimMIM's encoder./decoder. keys (a fine-tuned model): "
-                     f"`mimzoo-import beit {path} out.ckpt` reads it for features, evaluation and export")
-        raise ValueError(wrong or f"{path} is not a SimMIM checkpoint: missing "
-                                  f"{[k for k in required if k not in sd]}; {_HINT}")
+            wrong = (
+                f"{path} is a ViT backbone without SimMIM's encoder./decoder. keys (a fine-tuned model): "
+                f"`mimzoo-import beit {path} out.ckpt` reads it for features, evaluation and export"
+            )
+        raise ValueError(
+            wrong or f"{path} is not a SimMIM checkpoint: missing {[k for k in required if k not in sd]}; {_HINT}"
+        )
     img_size = (overrides.get("encoder") or {}).get("img_size") or _config(ckpt, "DATA", "IMG_SIZE")
     encoder = beit_encoder_sizes(encoder_sd, path, img_size=img_size)
     if not any(k.endswith("relative_position_bias_table") for k in encoder_sd) and _config(ckpt, "MODEL", "VIT"):
@@ -65,9 +68,11 @@ def _import_simmim(ckpt, path: str, overrides: dict):
         encoder["layer_scale_init"] = float(_config(ckpt, "MODEL", "VIT", "INIT_VALUES"))
     out_channels, patch = sd["decoder.0.weight"].shape[0], encoder["patch_size"]
     if out_channels != patch**2 * encoder["in_chans"]:
-        raise ValueError(f"{path}: decoder.0.weight predicts {out_channels} values per token, not patch {patch}^2 x "
-                         f"{encoder['in_chans']} channels; mimzoo's SimMIM needs encoder_stride = patch size "
-                         "(official ViT configs: 16 with patch 16)")
+        raise ValueError(
+            f"{path}: decoder.0.weight predicts {out_channels} values per token, not patch {patch}^2 x "
+            f"{encoder['in_chans']} channels; mimzoo's SimMIM needs encoder_stride = patch size "
+            "(official ViT configs: 16 with patch 16)"
+        )
     hparams = method_kwargs(encoder)
     mask_patch, ratio = _config(ckpt, "DATA", "MASK_PATCH_SIZE"), _config(ckpt, "DATA", "MASK_RATIO")
     if mask_patch and ratio and mask_patch % patch == 0:  # the training mask, when the file records it

@@ -15,9 +15,9 @@ import signal
 import warnings
 
 import lightning as L
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-import torch
 from torch.utils.data import DataLoader
 
 from mimzoo.errors import ConfigError, DataError
@@ -96,10 +96,17 @@ class MIMDataModule(L.LightningDataModule):
                 tf = MultiCrop(h.image_size, mean=tuple(h.mean), std=tuple(h.std), **self.train_views)
             else:
                 tf = build_transform(aug, h.image_size, tuple(h.mean), tuple(h.std), crop_pct=h.crop_pct)
-            self._sets[split] = build_dataset(h.name, h.root, train=split != "val", transform=tf,
-                                              image_size=h.image_size, download=h.download,
-                                              fake_size=h.fake_size, num_classes=h.num_classes,
-                                              bad_images=h.bad_images)
+            self._sets[split] = build_dataset(
+                h.name,
+                h.root,
+                train=split != "val",
+                transform=tf,
+                image_size=h.image_size,
+                download=h.download,
+                fake_size=h.fake_size,
+                num_classes=h.num_classes,
+                bad_images=h.bad_images,
+            )
         return self._sets[split]
 
     def prepare_data(self):
@@ -117,9 +124,17 @@ class MIMDataModule(L.LightningDataModule):
         if workers > 0:
             _stop_workers_at_exit()
         dataset = self._dataset(split) if dataset is None else dataset
-        return loader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                          worker_init_fn=ignore_stop_signals if workers > 0 else None, **kwargs)
+        return loader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
+            **kwargs,
+        )
 
     def train_dataloader(self):
         """Shuffled by a :class:`ResumableSampler` (sharded over the trainer's ranks, started where a resumed
@@ -134,14 +149,27 @@ class MIMDataModule(L.LightningDataModule):
             warnings.filterwarnings("ignore", r"The 'train_dataloader' does not have many workers", PossibleUserWarning)
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
             return self.device_dataloader(device, seed, world, rank, epoch, batches)
-        sampler = ResumableSampler(self._dataset("train"), num_replicas=world, rank=rank, seed=seed, epoch=epoch,
-                                   start=batches * self.batch_size)
+        sampler = ResumableSampler(
+            self._dataset("train"),
+            num_replicas=world,
+            rank=rank,
+            seed=seed,
+            epoch=epoch,
+            start=batches * self.batch_size,
+        )
         self._check_batches(len(self._dataset("train")))
-        return self._loader("train", shuffle=False, drop_last=self.hparams.drop_last, sampler=sampler,
-                            dataset=SeededDataset(self._dataset("train"), seed), loader=ResumableDataLoader)
+        return self._loader(
+            "train",
+            shuffle=False,
+            drop_last=self.hparams.drop_last,
+            sampler=sampler,
+            dataset=SeededDataset(self._dataset("train"), seed),
+            loader=ResumableDataLoader,
+        )
 
-    def device_dataloader(self, device: torch.device, seed: int, world: int = 1, rank: int = 0, epoch: int = 0,
-                          batches: int = 0) -> ResumableDataLoader:
+    def device_dataloader(
+        self, device: torch.device, seed: int, world: int = 1, rank: int = 0, epoch: int = 0, batches: int = 0
+    ) -> ResumableDataLoader:
         """``loader=device``: the training split, read once as uint8 onto ``device``, and a loader (no workers,
         ``batch_size=None``) whose items are whole batches augmented there. The loader, not a batch-transfer hook,
         does the augmentation so that what it yields is the training batch itself: Lightning shards, counts and
@@ -149,21 +177,48 @@ class MIMDataModule(L.LightningDataModule):
         without a trainer. Only MAE's view (``train_aug`` mae or linear) or a method's multi-crop are batched."""
         h = self.hparams
         if not self.train_views and h.train_aug not in DEVICE_SCALES:
-            raise ConfigError(f"data.loader=device augments batches for train_aug mae or linear, not "
-                              f"{h.train_aug!r}: set data.train_aug=mae or data.loader=pil")
+            raise ConfigError(
+                f"data.loader=device augments batches for train_aug mae or linear, not "
+                f"{h.train_aug!r}: set data.train_aug=mae or data.loader=pil"
+            )
         if self._in_memory is None or self._in_memory[0].device != device:
             images, labels = self._in_memory or load_uint8(
-                build_dataset(h.name, h.root, train=True, transform=None, image_size=h.image_size,
-                              download=h.download, fake_size=h.fake_size, num_classes=h.num_classes,
-                              bad_images=h.bad_images),
-                h.name, h.memory_image_size or h.image_size, h.memory_limit_gb, h.num_workers)
+                build_dataset(
+                    h.name,
+                    h.root,
+                    train=True,
+                    transform=None,
+                    image_size=h.image_size,
+                    download=h.download,
+                    fake_size=h.fake_size,
+                    num_classes=h.num_classes,
+                    bad_images=h.bad_images,
+                ),
+                h.name,
+                h.memory_image_size or h.image_size,
+                h.memory_limit_gb,
+                h.num_workers,
+            )
             self._in_memory = images.to(device), labels.to(device)
         images, labels = self._in_memory
         self._check_batches(len(images))
-        views = BatchViews(h.image_size, h.mean, h.std, views=self.train_views,
-                           scale=DEVICE_SCALES.get(h.train_aug, DEVICE_SCALES["mae"]))
-        sampler = ResumableBatchSampler(images, self.batch_size, drop_last=h.drop_last, num_replicas=world,
-                                        rank=rank, seed=seed, epoch=epoch, start=batches)
+        views = BatchViews(
+            h.image_size,
+            h.mean,
+            h.std,
+            views=self.train_views,
+            scale=DEVICE_SCALES.get(h.train_aug, DEVICE_SCALES["mae"]),
+        )
+        sampler = ResumableBatchSampler(
+            images,
+            self.batch_size,
+            drop_last=h.drop_last,
+            num_replicas=world,
+            rank=rank,
+            seed=seed,
+            epoch=epoch,
+            start=batches,
+        )
         return ResumableDataLoader(DeviceBatches(images, labels, views, seed, rank), batch_size=None, sampler=sampler)
 
     def _check_batches(self, num_images: int) -> None:
@@ -175,7 +230,8 @@ class MIMDataModule(L.LightningDataModule):
             share = f" ({num_images} over {world} processes)" if world > 1 else ""
             raise DataError(
                 f"data.batch_size={self.batch_size} is larger than the {per_process} training images of "
-                f"{self.hparams.name}{share}, so no full batch is left: set data.batch_size={per_process} or less")
+                f"{self.hparams.name}{share}, so no full batch is left: set data.batch_size={per_process} or less"
+            )
 
     def state_dict(self) -> dict:
         """Where training stands: the epoch and the batches this process has trained on in it (a checkpoint

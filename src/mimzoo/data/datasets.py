@@ -17,7 +17,14 @@ from mimzoo.errors import ConfigError, DataError, MissingFileError
 
 # name -> (sub-folder of the data root, folder inside it, train files, test files, label key, classes)
 _CIFAR = {
-    "cifar10": ("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar10": (
+        "cifar10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+        10,
+    ),
     "cifar10-mini": ("cifar10-mini", "cifar-10-batches-py", ["data_batch_1"], ["test_batch"], b"labels", 10),
     "cifar100": ("cifar100", "cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
 }
@@ -83,8 +90,11 @@ def read_cifar_batch(path: Path, label_key: bytes, name: str, download_fix: bool
     except Exception as err:  # noqa: BLE001 - every way a cut-short or foreign file fails to parse (EOFError,
         # UnpicklingError, KeyError, TypeError, ValueError...) is the same problem: the file is not a CIFAR batch
         folder = path.parent
-        fix = (f"delete {folder} and run again with data.download=true, or copy it again from the archive"
-               if download_fix else f"copy {folder} again from a good copy of {name}")
+        fix = (
+            f"delete {folder} and run again with data.download=true, or copy it again from the archive"
+            if download_fix
+            else f"copy {folder} again from a good copy of {name}"
+        )
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
         raise DataError(f"{path} is not a readable {name} batch ({reason}); it is truncated or corrupt: {fix}") from err
     return x, y
@@ -113,20 +123,33 @@ class ImageFolder(tvd.ImageFolder):
                 image = self.loader(path)
             except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated, empty or not an image
                 if self.bad_images == "error":
-                    raise DataError(f"unreadable image {path} ({err}): replace or delete it, or set "
-                                    "data.bad_images=skip to skip unreadable images with a warning") from None
+                    raise DataError(
+                        f"unreadable image {path} ({err}): replace or delete it, or set "
+                        "data.bad_images=skip to skip unreadable images with a warning"
+                    ) from None
                 if path not in self.skipped:
                     self.skipped.add(path)
-                    warnings.warn(f"skipped unreadable image {path} ({err}); {len(self.skipped)} skipped so far in "
-                                  "this data loader (data.bad_images=skip; =error stops at the first one)",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"skipped unreadable image {path} ({err}); {len(self.skipped)} skipped so far in "
+                        "this data loader (data.bad_images=skip; =error stops at the first one)",
+                        stacklevel=2,
+                    )
                 continue
             return (self.transform(image) if self.transform else image), target
         raise DataError(f"no readable image in {self.root}")
 
 
-def build_dataset(name: str, root: str | None, train: bool, transform, image_size: int, download: bool = False,
-                  fake_size: int = 256, num_classes: int | None = None, bad_images: str = "skip"):
+def build_dataset(
+    name: str,
+    root: str | None,
+    train: bool,
+    transform,
+    image_size: int,
+    download: bool = False,
+    fake_size: int = 256,
+    num_classes: int | None = None,
+    bad_images: str = "skip",
+):
     """One entry for every data set the configs name.
 
     ``imagefolder``: ``root`` holds ``train/`` and ``val/`` with one sub-folder per class; unreadable
@@ -145,8 +168,13 @@ def build_dataset(name: str, root: str | None, train: bool, transform, image_siz
             )
         return ImageFolder(str(split), transform=transform, bad_images=bad_images)
     if name == "fake":
-        return tvd.FakeData(size=fake_size if train else max(fake_size // 4, 1), image_size=(3, image_size, image_size),
-                            num_classes=num_classes or 10, transform=transform, random_offset=0 if train else 10**6)
+        return tvd.FakeData(
+            size=fake_size if train else max(fake_size // 4, 1),
+            image_size=(3, image_size, image_size),
+            num_classes=num_classes or 10,
+            transform=transform,
+            random_offset=0 if train else 10**6,
+        )
     raise ConfigError(f"unknown data set {name!r}; choose cifar10, cifar10-mini, cifar100, imagefolder or fake")
 
 

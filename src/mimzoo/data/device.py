@@ -44,6 +44,7 @@ GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as PIL and torchvision
 
 # --- the data in memory --------------------------------------------------------------------------------------------
 
+
 def check_memory(name: str, count: int, size: tuple[int, int], limit_gb: float, resized: bool = True) -> None:
     """Refuse, before reading anything, a data set whose uint8 tensor would be larger than ``limit_gb``
     (``resized``: its stored size is ``data.memory_image_size``, one more way out)."""
@@ -53,7 +54,8 @@ def check_memory(name: str, count: int, size: tuple[int, int], limit_gb: float, 
         raise DataError(
             f"data.loader=device holds {name} in memory as {count} images of 3x{size[0]}x{size[1]} uint8 "
             f"({need:.3g} GB), over data.memory_limit_gb={limit_gb:g}: raise data.memory_limit_gb (the training "
-            f"device must hold it){smaller}, or use data.loader=pil")
+            f"device must hold it){smaller}, or use data.loader=pil"
+        )
 
 
 def load_uint8(dataset, name: str, memory_image_size: int, limit_gb: float, num_workers: int = 0):
@@ -67,18 +69,20 @@ def load_uint8(dataset, name: str, memory_image_size: int, limit_gb: float, num_
         return images, torch.as_tensor(dataset.targets, dtype=torch.long)
     size = memory_image_size
     check_memory(name, len(dataset), (size, size), limit_gb)
-    dataset.transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                                   T.PILToTensor()])
+    dataset.transform = T.Compose(
+        [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.PILToTensor()]
+    )
     images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(dataset), dtype=torch.long)
     done = 0
     for x, y in DataLoader(dataset, batch_size=256, num_workers=num_workers):
-        images[done:done + len(x)], labels[done:done + len(x)] = x, y
+        images[done : done + len(x)], labels[done : done + len(x)] = x, y
         done += len(x)
     return images, labels
 
 
 # --- batched augmentations (float images in [0, 1] unless said otherwise) ------------------------------------------
+
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, device=device, generator=gen) * (high - low) + low
@@ -88,8 +92,9 @@ def _chance(n: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, device=device, generator=gen) < p
 
 
-def crop_boxes(n: int, height: int, width: int, scale, gen: torch.Generator, device,
-               ratio=(3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
+def crop_boxes(
+    n: int, height: int, width: int, scale, gen: torch.Generator, device, ratio=(3 / 4, 4 / 3), tries: int = 10
+) -> torch.Tensor:
     """``[n, 4]`` float boxes ``(x1, y1, x2, y2)`` in pixels, sampled per sample as torchvision's
     ``RandomResizedCrop.get_params``: up to ``tries`` draws of an area fraction in ``scale`` and a log-uniform
     aspect ratio, the first whose rounded box fits, at a uniform integer position; else the whole image cropped to
@@ -162,16 +167,26 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return value - value * sat * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def color_jitter(images: torch.Tensor, gen: torch.Generator, host: random.Random, p: float = 0.8,
-                 brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1):
+def color_jitter(
+    images: torch.Tensor,
+    gen: torch.Generator,
+    host: random.Random,
+    p: float = 0.8,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+):
     """torchvision's ``RandomApply([ColorJitter(...)], p)`` per sample: factors drawn per sample from
     ``[1 - x, 1 + x]`` (hue from ``[-hue, hue]``), the four jitters in an order drawn per batch from ``host`` (a
     host-side generator: reading an order drawn on a GPU back would stall the host until the GPU caught up)."""
     n, device = len(images), images.device
-    factors = {"brightness": _uniform(n, 1 - brightness, 1 + brightness, gen, device),
-               "contrast": _uniform(n, 1 - contrast, 1 + contrast, gen, device),
-               "saturation": _uniform(n, 1 - saturation, 1 + saturation, gen, device),
-               "hue": _uniform(n, -hue, hue, gen, device)}
+    factors = {
+        "brightness": _uniform(n, 1 - brightness, 1 + brightness, gen, device),
+        "contrast": _uniform(n, 1 - contrast, 1 + contrast, gen, device),
+        "saturation": _uniform(n, 1 - saturation, 1 + saturation, gen, device),
+        "hue": _uniform(n, -hue, hue, gen, device),
+    }
     chosen = _chance(n, p, gen, device)
     order = host.sample(range(4), 4)
     out = images
@@ -193,8 +208,7 @@ def random_grayscale(images: torch.Tensor, gen: torch.Generator, p: float = 0.2)
     return torch.where(chosen[:, None, None, None], grayscale(images).expand_as(images), images)
 
 
-def gaussian_blur(images: torch.Tensor, gen: torch.Generator, p: float, kernel: int,
-                  sigma=(0.1, 2.0)) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, gen: torch.Generator, p: float, kernel: int, sigma=(0.1, 2.0)) -> torch.Tensor:
     """torchvision's ``RandomApply([GaussianBlur(kernel, sigma)], p)`` per sample: a separable Gaussian of a
     per-sample sigma, reflect padding, as one grouped convolution per axis."""
     n, c, h, w = images.shape
@@ -216,6 +230,7 @@ def solarize(images: torch.Tensor, gen: torch.Generator, p: float, threshold: fl
 
 
 # --- the training views of a batch ---------------------------------------------------------------------------------
+
 
 class BatchViews:
     """The training views of a uint8 batch ``[B, 3, H, W]``: MAE's single view (``views=None``: RandomResizedCrop
@@ -252,8 +267,10 @@ class BatchViews:
             return self._normalize(self._crops(images, gen, 1, self.image_size, self.scale))
         v, b = self.views, len(images)
         g1, g2 = self._crops(images, gen, 2, self.image_size, v.get("global_scale", (0.14, 1.0))).split(b)
-        out = [self._colour(g1, gen, host, 1.0, self.image_size),
-               self._colour(g2, gen, host, 0.1, self.image_size, 0.2)]
+        out = [
+            self._colour(g1, gen, host, 1.0, self.image_size),
+            self._colour(g2, gen, host, 0.1, self.image_size, 0.2),
+        ]
         local = v.get("local_number", 0)
         if local:
             size = v["local_size"]
@@ -306,4 +323,4 @@ class ResumableBatchSampler(ResumableSampler):
     def __iter__(self):
         shard = [i for _, i in super().__iter__()]
         for batch in range(self.start_batch, len(self)):
-            yield self.epoch, batch, shard[batch * self.batch_size:(batch + 1) * self.batch_size]
+            yield self.epoch, batch, shard[batch * self.batch_size : (batch + 1) * self.batch_size]

@@ -19,8 +19,16 @@ class ResumableSampler(DistributedSampler):
     from. A :class:`DistributedSampler`, so Lightning keeps it under DDP; its length is the full shard's, so the
     batch count of an epoch, and the schedules counted in it, do not change on resume."""
 
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 epoch: int = 0, start: int = 0):
+    def __init__(
+        self,
+        dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        start: int = 0,
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.epoch, self.start = epoch, start
 
@@ -38,8 +46,8 @@ class ResumableSampler(DistributedSampler):
             indices = list(range(n))
         padding = self.total_size - n
         indices += (indices * math.ceil(padding / max(n, 1)))[:padding]
-        shard = indices[self.rank:self.total_size:self.num_replicas]
-        return iter([(epoch, i) for i in shard[self.start:]])
+        shard = indices[self.rank : self.total_size : self.num_replicas]
+        return iter([(epoch, i) for i in shard[self.start :]])
 
 
 class SeededDataset(Dataset):

@@ -19,16 +19,30 @@ def build_transform(kind: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     bicubic = InterpolationMode.BICUBIC
     if kind == "mae":
-        return T.Compose([T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic),
-                          T.RandomHorizontalFlip(), *normalize])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic),
+                T.RandomHorizontalFlip(),
+                *normalize,
+            ]
+        )
     if kind == "linear":
         return T.Compose([T.RandomResizedCrop(image_size, interpolation=bicubic), T.RandomHorizontalFlip(), *normalize])
     if kind == "finetune":
         from timm.data import create_transform
 
         _allow_zero_bit_posterize()
-        return create_transform(image_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                                interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=mean, std=std)
+        return create_transform(
+            image_size,
+            is_training=True,
+            auto_augment="rand-m9-mstd0.5-inc1",
+            interpolation="bicubic",
+            re_prob=0.25,
+            re_mode="pixel",
+            re_count=1,
+            mean=mean,
+            std=std,
+        )
     if kind == "none":
         return T.Compose(normalize)
     if kind == "eval":
@@ -45,12 +59,23 @@ class MultiCrop:
     solarisation p 0.2 on global 2. The blur kernel covers ~10% of the crop side (BYOL's rule);
     ``blur=False`` drops it (tiny images such as 32px CIFAR)."""
 
-    def __init__(self, image_size: int, local_size: int, local_number: int = 0,
-                 global_scale: tuple = (0.14, 1.0), local_scale: tuple = (0.05, 0.4), blur: bool = True,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self,
+        image_size: int,
+        local_size: int,
+        local_number: int = 0,
+        global_scale: tuple = (0.14, 1.0),
+        local_scale: tuple = (0.05, 0.4),
+        blur: bool = True,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ):
         bicubic = InterpolationMode.BICUBIC
-        flip_and_color = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                          T.RandomGrayscale(p=0.2)]
+        flip_and_color = [
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
         normalize = [T.ToTensor(), T.Normalize(mean, std)]
 
         def crop(size, scale, blur_p, solarize_p=0.0):

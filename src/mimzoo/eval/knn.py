@@ -18,8 +18,15 @@ def extract_features(model, loader, device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Class scores ``[Q, C]`` for L2-normalised ``queries`` against a normalised feature ``bank``."""
     k = min(k, bank.shape[0])
     scores = []

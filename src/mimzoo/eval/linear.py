@@ -49,9 +49,18 @@ class LinearProbe(Classifier):
     checkpoint (``backbone_ckpt``) and the digest of its weights instead. :meth:`from_checkpoint` rebuilds
     the probe from both files (and refuses a pre-trained checkpoint whose weights have changed since)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, blr: float = 0.1, lr: float | None = None,
-                 momentum: float = 0.9, weight_decay: float = 0.0, warmup_epochs: float = 10, min_lr: float = 0.0,
-                 backbone_ckpt: str | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        blr: float = 0.1,
+        lr: float | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        warmup_epochs: float = 10,
+        min_lr: float = 0.0,
+        backbone_ckpt: str | None = None,
+    ):
         super().__init__(num_classes)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone.requires_grad_(False).eval()
@@ -70,8 +79,10 @@ class LinearProbe(Classifier):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("backbone.")]:
             del state[key]
-        checkpoint["linear_probe"] = {"backbone_ckpt": self.hparams.backbone_ckpt,
-                                      "backbone_sha256": self._backbone_digest}
+        checkpoint["linear_probe"] = {
+            "backbone_ckpt": self.hparams.backbone_ckpt,
+            "backbone_sha256": self._backbone_digest,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A head-only checkpoint loads onto this probe's encoder (the one it was built with)."""
@@ -80,8 +91,7 @@ class LinearProbe(Classifier):
             state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
 
     @classmethod
-    def from_checkpoint(cls, path, backbone: nn.Module | str | Path | None = None,
-                        map_location="cpu") -> "LinearProbe":
+    def from_checkpoint(cls, path, backbone: nn.Module | str | Path | None = None, map_location="cpu") -> LinearProbe:
         """The probe of a checkpoint written while training it. The encoder comes from ``backbone`` (a module
         or a mimzoo checkpoint path), by default from the pre-trained checkpoint the probe was trained on; it
         must hold the same weights as then."""
@@ -95,9 +105,11 @@ class LinearProbe(Classifier):
         module = source if isinstance(source, nn.Module) else load_pretrained(source, map_location=map_location)
         expected = meta.get("backbone_sha256")
         if expected and state_digest(module) != expected:
-            raise ValueError(f"the encoder from {source} is not the one the probe {path} was trained on (its weights "
-                             "changed since: was that checkpoint overwritten by a longer run?); pass backbone= the "
-                             "pre-trained checkpoint the probe was trained on")
+            raise ValueError(
+                f"the encoder from {source} is not the one the probe {path} was trained on (its weights "
+                "changed since: was that checkpoint overwritten by a longer run?); pass backbone= the "
+                "pre-trained checkpoint the probe was trained on"
+            )
         return cls.load_from_checkpoint(path, map_location=map_location, backbone=module)
 
     def train(self, mode: bool = True):
@@ -121,7 +133,7 @@ class LinearProbe(Classifier):
     def configure_optimizers(self):
         """LARS as in MAE: trust ratio (and weight decay) on the weight matrix only; biases plain SGD."""
         h = self.hparams
-        self.trainer.estimated_stepping_batches  # loads the train loader the batch size may come from
+        _ = self.trainer.estimated_stepping_batches  # loads the train loader the batch size may come from
         lr = absolute_lr(self.trainer, h.blr, h.lr)
         params = list(self.head.parameters())
         groups = [

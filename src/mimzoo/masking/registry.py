@@ -7,7 +7,7 @@ sample, so MAE-style encoders can drop a fixed number of tokens.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -63,8 +63,10 @@ class MaskStrategy:
     def __call__(self, batch_size: int, grid_size: tuple[int, int], generator: torch.Generator | None = None):
         h, w = grid_size
         if h % self.cell or w % self.cell:
-            raise ValueError(f"mask.cell={self.cell} does not divide the {h}x{w} patch grid; pick a cell size that "
-                             "divides it (mask.cell=1 masks single patches)")
+            raise ValueError(
+                f"mask.cell={self.cell} does not divide the {h}x{w} patch grid; pick a cell size that "
+                "divides it (mask.cell=1 masks single patches)"
+            )
         h, w = h // self.cell, w // self.cell
         k = num_masked(self.ratio, h * w)
         if k == 0 or k == h * w:
@@ -153,8 +155,10 @@ def mask_to_ids(mask: torch.Tensor, num_masked: int | None = None) -> tuple[torc
             )
         num_masked = int(counts[0])
     else:
-        torch._assert_async((counts == num_masked).all(),
-                            f"MAE-style encoders drop masked tokens: every sample must mask {num_masked} patches")
+        torch._assert_async(
+            (counts == num_masked).all(),
+            f"MAE-style encoders drop masked tokens: every sample must mask {num_masked} patches",
+        )
     return ids_shuffle[:, : mask.shape[1] - num_masked], ids_restore
 
 

@@ -50,8 +50,9 @@ def affinity(similarity: torch.Tensor, graph: str = "binary", tau: float = 0.2, 
     raise ValueError(f"unknown graph {graph!r}; choose one of {GRAPHS}")
 
 
-def ncut_bipartition(similarity: torch.Tensor, graph: str = "binary", tau: float = 0.2,
-                     eps: float = 1e-5) -> Bipartition:
+def ncut_bipartition(
+    similarity: torch.Tensor, graph: str = "binary", tau: float = 0.2, eps: float = 1e-5
+) -> Bipartition:
     """Batched Normalized Cut of ``[B, N, N]`` (or ``[N, N]``) similarities, on any device, in fp32.
 
     ``u2`` of ``I - D^-1/2 W D^-1/2`` (``torch.linalg.eigh``, ascending) gives ``y = D^-1/2 u2``, the
@@ -60,8 +61,11 @@ def ncut_bipartition(similarity: torch.Tensor, graph: str = "binary", tau: float
     """
     squeeze = similarity.ndim == 2
     s = similarity.unsqueeze(0) if squeeze else similarity
-    no_autocast = (torch.autocast(device_type=s.device.type, enabled=False)
-                   if torch.amp.is_autocast_available(s.device.type) else contextlib.nullcontext())
+    no_autocast = (
+        torch.autocast(device_type=s.device.type, enabled=False)
+        if torch.amp.is_autocast_available(s.device.type)
+        else contextlib.nullcontext()
+    )
     with no_autocast:
         s = s.float()
         finite = torch.isfinite(s).flatten(1).all(1)
@@ -87,8 +91,9 @@ def corner_indices(grid_size: tuple[int, int]) -> list[int]:
     return [0, w - 1, (h - 1) * w, h * w - 1]
 
 
-def choose_object(similarity: torch.Tensor, bip: Bipartition, rule: str, grid_size: tuple[int, int],
-                  corner_check: bool = True) -> torch.Tensor:
+def choose_object(
+    similarity: torch.Tensor, bip: Bipartition, rule: str, grid_size: tuple[int, int], corner_check: bool = True
+) -> torch.Tensor:
     """Which side of the cut is the object (bool ``[B, N]``).
 
     ``seed`` (TokenCut): the side holding ``argmax |y|``; ``low_mean_sim``: the side less similar to the
@@ -145,13 +150,27 @@ class SelfGuidedMask(MaskStrategy):
     """Informed mask from Ncut on given patch features (the caller picks which features; SG-MAE passes
     one encoder block's output on the unmasked image)."""
 
-    def __init__(self, ratio: float = 0.75, graph: str = "binary", tau: float = 0.2,
-                 eps: float = 1e-5, object_rule: str = "seed", corner_check: bool = True, fill: str = "rank",
-                 hint_ratio: float = 0.1, hint_select: str = "random", hint_remask: str = "random"):
+    def __init__(
+        self,
+        ratio: float = 0.75,
+        graph: str = "binary",
+        tau: float = 0.2,
+        eps: float = 1e-5,
+        object_rule: str = "seed",
+        corner_check: bool = True,
+        fill: str = "rank",
+        hint_ratio: float = 0.1,
+        hint_select: str = "random",
+        hint_remask: str = "random",
+    ):
         super().__init__(ratio)
-        for key, value, allowed in (("graph", graph, GRAPHS), ("object_rule", object_rule, OBJECT_RULES),
-                                    ("fill", fill, FILLS), ("hint_select", hint_select, HINT_SELECTS),
-                                    ("hint_remask", hint_remask, HINT_REMASKS)):
+        for key, value, allowed in (
+            ("graph", graph, GRAPHS),
+            ("object_rule", object_rule, OBJECT_RULES),
+            ("fill", fill, FILLS),
+            ("hint_select", hint_select, HINT_SELECTS),
+            ("hint_remask", hint_remask, HINT_REMASKS),
+        ):
             if value not in allowed:
                 raise ValueError(f"self_guided mask: unknown {key} {value!r}; choose one of {allowed}")
         if not 0.0 <= hint_ratio <= 1.0:
@@ -167,8 +186,15 @@ class SelfGuidedMask(MaskStrategy):
             raise ValueError(f"self_guided mask: batch_size {batch_size} but features for {mask.shape[0]} images")
         return mask
 
-    def build(self, grid_size, generator=None, features=None, similarity=None, batch_size: int | None = None,
-              hint_ratio: float | None = None) -> InformedMask:
+    def build(
+        self,
+        grid_size,
+        generator=None,
+        features=None,
+        similarity=None,
+        batch_size: int | None = None,
+        hint_ratio: float | None = None,
+    ) -> InformedMask:
         """The masks and their diagnostics; ``hint_ratio`` overrides the configured one (a schedule)."""
         if features is not None and similarity is not None:
             raise ValueError("the self_guided mask takes patch features=[B, N, D] or similarity=[B, N, N], not both")
@@ -215,8 +241,9 @@ class SelfGuidedMask(MaskStrategy):
         if batch_size is None:
             raise ValueError("the self_guided mask needs features=, similarity= or a batch_size")
         n = grid_size[0] * grid_size[1]
-        mask = _top(torch.rand(batch_size, n, generator=generator), torch.ones(batch_size, n, dtype=torch.bool),
-                    self._count(n))
+        mask = _top(
+            torch.rand(batch_size, n, generator=generator), torch.ones(batch_size, n, dtype=torch.bool), self._count(n)
+        )
         none = torch.zeros_like(mask)
         return InformedMask(mask, none, torch.zeros(batch_size, n), none, torch.ones(batch_size, dtype=torch.bool))
 

@@ -20,7 +20,8 @@ def _randint(lo: int, hi: int, generator) -> int:
 
 @register_mask("random")
 class RandomMask(MaskStrategy):
-    """MAE's per-sample random shuffle: uniform over positions, without replacement (facebookresearch/mae ``models_mae.py``, ``random_masking``)."""
+    """MAE's per-sample random shuffle: uniform over positions, without replacement
+    (facebookresearch/mae ``models_mae.py``, ``random_masking``)."""
 
     def sample(self, batch_size, h, w, k, generator):
         noise = torch.rand(batch_size, h * w, generator=generator)
@@ -161,12 +162,22 @@ class IBOTMask(MaskStrategy):
 
     exact_count = False
 
-    def __init__(self, ratio: float = 0.3, ratio_var: float = 0.2, skip_prob: float = 0.5, shape: str = "block",
-                 min_num_patches: int | None = None, min_aspect: float = 0.3, cell: int = 1):
+    def __init__(
+        self,
+        ratio: float = 0.3,
+        ratio_var: float = 0.2,
+        skip_prob: float = 0.5,
+        shape: str = "block",
+        min_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        cell: int = 1,
+    ):
         super().__init__(ratio, cell)
         if not 0.0 <= ratio_var <= min(ratio, 1.0 - ratio):
-            raise ValueError(f"ibot mask needs 0 <= ratio_var <= min(ratio, 1 - ratio), got ratio {ratio}, "
-                             f"ratio_var {ratio_var}; iBOT uses mask.ratio=0.3 mask.ratio_var=0.2")
+            raise ValueError(
+                f"ibot mask needs 0 <= ratio_var <= min(ratio, 1 - ratio), got ratio {ratio}, "
+                f"ratio_var {ratio_var}; iBOT uses mask.ratio=0.3 mask.ratio_var=0.2"
+            )
         if not 0.0 <= skip_prob < 1.0:
             raise ValueError(f"ibot mask needs skip_prob in [0, 1), got {skip_prob}")
         if shape not in ("block", "rand"):
@@ -175,8 +186,12 @@ class IBOTMask(MaskStrategy):
         self.min_num_patches, self.min_aspect = min_num_patches, float(min_aspect)
 
     def sample(self, batch_size, h, w, k, generator):
-        block = BlockMask(self.ratio, min_num_patches=self.min_num_patches or max(1, (min(h, w) // 3) ** 2),
-                          min_aspect=self.min_aspect, exact=False)
+        block = BlockMask(
+            self.ratio,
+            min_num_patches=self.min_num_patches or max(1, (min(h, w) // 3) ** 2),
+            min_aspect=self.min_aspect,
+            exact=False,
+        )
         masks = torch.zeros(batch_size, h * w, dtype=torch.bool)
         for i in range(batch_size):
             if float(torch.rand((), generator=generator)) < self.skip_prob:

@@ -7,7 +7,7 @@ exported, so a new method is one new file: ``mimzoo.methods.<Class>`` names it i
 import importlib
 import pkgutil
 
-from .base import MIMMethod, MIMOutput
+from .base import MIMMethod, MIMOutput  # noqa: F401  (re-exported)
 
 
 def _subclasses(cls) -> list[type]:

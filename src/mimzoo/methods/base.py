@@ -83,8 +83,9 @@ class MIMMethod(StepScheduledModule):
     """The shared base; the module docstring is the contract a subclass fulfils."""
 
     default_mask: ClassVar[dict] = {"name": "random", "ratio": 0.75}
-    default_optim: ClassVar[dict] = dict(blr=1.5e-4, lr=None, betas=(0.9, 0.95), weight_decay=0.05,
-                                         warmup_epochs=40, min_lr=0.0)
+    default_optim: ClassVar[dict] = dict(
+        blr=1.5e-4, lr=None, betas=(0.9, 0.95), weight_decay=0.05, warmup_epochs=40, min_lr=0.0
+    )
     uses_mask: ClassVar[bool] = True
     has_features: ClassVar[bool] = True
     flops_per_batch: ClassVar[None] = None  # FLOPs are not counted: Lightning's ThroughputMonitor logs img/s only
@@ -139,8 +140,9 @@ class MIMMethod(StepScheduledModule):
 
     # --- masks --------------------------------------------------------------------------------
     @torch.compiler.disable  # drawn eagerly, as without compile (the same seed gives the same mask)
-    def draw_mask(self, batch_size: int, generator: torch.Generator | None = None,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+    def draw_mask(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """A draw from the strategy, on the CPU (its generators), then on ``device`` (the module's by
         default) without a host sync (:func:`~mimzoo.masking.to_device`). Not drawn on the GPU: a CUDA
         generator gives other values for the same seed, and the block strategies place blocks in Python
@@ -168,7 +170,8 @@ class MIMMethod(StepScheduledModule):
             raise ValueError(
                 f"{type(self).__name__} drops masked tokens and needs the same masked count in every image, but "
                 f"{self.mask_strategy!r} varies it; use a strategy with exact counts (mask=random, mask=block "
-                "with mask.exact=true, mask=grid, ...)")
+                "with mask.exact=true, mask=grid, ...)"
+            )
 
     # --- training -----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -185,8 +188,10 @@ class MIMMethod(StepScheduledModule):
         here would stall a GPU every step. :meth:`raise_if_nonfinite` reads it back."""
         loss = loss.detach().float()
         if self._nonfinite is None or self._nonfinite[0].device != loss.device:
-            self._nonfinite = (torch.full((), -1, dtype=torch.long, device=loss.device),
-                               torch.full((), float("nan"), device=loss.device))
+            self._nonfinite = (
+                torch.full((), -1, dtype=torch.long, device=loss.device),
+                torch.full((), float("nan"), device=loss.device),
+            )
         first, value = self._nonfinite
         new = (first < 0) & ~torch.isfinite(loss)
         self._nonfinite = (torch.where(new, self.global_step, first), torch.where(new, loss, value))
@@ -203,8 +208,9 @@ class MIMMethod(StepScheduledModule):
             )
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        """The guard's check every ``trainer.log_every_n_steps`` batches (when the logger reads the
-        device anyway)."""
+        """Drops the batch's mask generator, and runs the guard's check every ``trainer.log_every_n_steps``
+        batches (when the logger reads the device anyway)."""
+        self.mask_generator = None
         every = getattr(self._trainer, "log_every_n_steps", 0) if self._trainer is not None else 0
         if every and (batch_idx + 1) % every == 0:
             self.raise_if_nonfinite()
@@ -249,15 +255,11 @@ class MIMMethod(StepScheduledModule):
         end = self.optim_cfg.get("weight_decay_end")
         if end is None:
             return
-        wd = cosine_ramp(self.global_step, schedule_steps(self.trainer),
-                         self.optim_cfg["weight_decay"], end)
+        wd = cosine_ramp(self.global_step, schedule_steps(self.trainer), self.optim_cfg["weight_decay"], end)
         for group in self.trainer.optimizers[0].param_groups:
             if group.get("decayed"):
                 group["weight_decay"] = wd
         self.log("train/weight_decay", host_scalar(wd))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.mask_generator = None
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.trainer, self.param_groups(self.optim_cfg["weight_decay"]), self.optim_cfg)
@@ -266,4 +268,3 @@ class MIMMethod(StepScheduledModule):
         self.raise_if_nonfinite()  # never write the weights a non-finite step has spoilt
         cls = type(self)
         checkpoint["mimzoo"] = {"method": f"{cls.__module__}.{cls.__qualname__}"}
-

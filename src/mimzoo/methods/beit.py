@@ -70,8 +70,14 @@ class BEiT(MIMMethod):
         super().__init__(mask=mask, optim=optim)
         self.save_hyperparameters(ignore=["tokenizer"] if isinstance(tokenizer, nn.Module) else None)
         self.encoder = BEiTEncoder(
-            **{"layer_scale_init": layer_scale_init, "use_abs_pos_emb": use_abs_pos_emb,
-               "use_shared_rel_pos_bias": use_shared_rel_pos_bias, "drop_path_rate": drop_path_rate, **encoder})
+            **{
+                "layer_scale_init": layer_scale_init,
+                "use_abs_pos_emb": use_abs_pos_emb,
+                "use_shared_rel_pos_bias": use_shared_rel_pos_bias,
+                "drop_path_rate": drop_path_rate,
+                **encoder,
+            }
+        )
         if tokenizer is None and num_tokens is None:
             raise ValueError(MISSING_TOKENIZER)
         tok = None if tokenizer is None else self._checked_tokenizer(tokenizer, num_tokens)
@@ -92,8 +98,10 @@ class BEiT(MIMMethod):
                 "trained with that downsample factor"
             )
         if num_tokens is not None and num_tokens != tok.num_tokens:
-            raise ValueError(f"model.num_tokens={num_tokens} but the tokenizer has {tok.num_tokens} codes; "
-                             "drop model.num_tokens or use a matching tokenizer checkpoint")
+            raise ValueError(
+                f"model.num_tokens={num_tokens} but the tokenizer has {tok.num_tokens} codes; "
+                "drop model.num_tokens or use a matching tokenizer checkpoint"
+            )
         return tok.requires_grad_(False).eval()
 
     @torch.no_grad()
@@ -127,5 +135,5 @@ class BEiT(MIMMethod):
     def no_weight_decay(self) -> set[str]:
         """The shared names plus relative position bias tables (BEiT's no-decay list)."""
         return super().no_weight_decay() | {
-            n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
-
+            n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")
+        }

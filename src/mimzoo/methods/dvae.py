@@ -48,9 +48,18 @@ class DVAE(MIMMethod):
     uses_mask = has_features = False
     reconstructs = True
 
-    def __init__(self, vae: dict | None = None, image_size: int = 32, tau: dict | None = None, kl: dict | None = None,
-                 recon_loss: str = "mse", hard: bool = False, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                 optim: dict | None = None):
+    def __init__(
+        self,
+        vae: dict | None = None,
+        image_size: int = 32,
+        tau: dict | None = None,
+        kl: dict | None = None,
+        recon_loss: str = "mse",
+        hard: bool = False,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        optim: dict | None = None,
+    ):
         super().__init__(optim=optim)
         if recon_loss not in ("mse", "smooth_l1"):
             raise ValueError(f"recon_loss must be 'mse' or 'smooth_l1', got {recon_loss!r}")
@@ -73,12 +82,18 @@ class DVAE(MIMMethod):
 
     # --- schedules ----------------------------------------------------------------------------
     def tau(self) -> float:
-        return gumbel_temperature(self.global_step, self.total_steps, **self.tau_cfg) if self.total_steps \
+        return (
+            gumbel_temperature(self.global_step, self.total_steps, **self.tau_cfg)
+            if self.total_steps
             else self.tau_cfg["start"]
+        )
 
     def kl_weight(self) -> float:
-        return kl_weight_at(self.global_step, self.total_steps, **self.kl_cfg) if self.total_steps \
+        return (
+            kl_weight_at(self.global_step, self.total_steps, **self.kl_cfg)
+            if self.total_steps
             else self.kl_cfg["weight"]
+        )
 
     # --- model --------------------------------------------------------------------------------
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -96,11 +111,21 @@ class DVAE(MIMMethod):
         ids = logits.argmax(1)
         # code usage; not torch.bincount, whose output size depends on the data (a host sync on a GPU)
         ids = ids.flatten()
-        probs = torch.zeros(self.vae.num_tokens, device=ids.device).index_add_(
-            0, ids, torch.ones_like(ids, dtype=torch.float)) / ids.numel()
+        probs = (
+            torch.zeros(self.vae.num_tokens, device=ids.device).index_add_(
+                0, ids, torch.ones_like(ids, dtype=torch.float)
+            )
+            / ids.numel()
+        )
         perplexity = torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum())
-        logs = {"recon_loss": recon_loss.detach(), "kl": kl.detach(), "perplexity": perplexity,
-                "codes_used": (probs > 0).float().mean(), "tau": self.tau(), "kl_weight": kl_weight}
+        logs = {
+            "recon_loss": recon_loss.detach(),
+            "kl": kl.detach(),
+            "perplexity": perplexity,
+            "codes_used": (probs > 0).float().mean(),
+            "tau": self.tau(),
+            "kl_weight": kl_weight,
+        }
         return MIMOutput(loss=recon_loss + kl_weight * kl, mask=None, pred=recon, logs=logs)
 
     def reconstruct(self, images: torch.Tensor, out: MIMOutput) -> torch.Tensor:
@@ -138,8 +163,10 @@ def load_tokenizer(path, mean=None, std=None) -> DVAETokenizer:
     method = (ckpt.get("mimzoo") or {}).get("method") if isinstance(ckpt, dict) else None
     expected = f"{DVAE.__module__}.{DVAE.__qualname__}"
     if method != expected:
-        raise ValueError(f"{path} is not a mimzoo dVAE checkpoint (written by {method or 'no mimzoo method'}, "
-                         f"expected {expected}); {hint}")
+        raise ValueError(
+            f"{path} is not a mimzoo dVAE checkpoint (written by {method or 'no mimzoo method'}, "
+            f"expected {expected}); {hint}"
+        )
     model = DVAE(**ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
     return DVAETokenizer(model.vae, model._image_size, mean or model.hparams.mean, std or model.hparams.std).eval()

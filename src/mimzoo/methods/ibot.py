@@ -33,9 +33,11 @@ def collapse_diagnosis(entropy: float, kl: float, num_prototypes: int, kl_thresh
     if kl >= kl_threshold:
         return None
     mode = "uniform outputs" if entropy > 0.5 * math.log(num_prototypes) else "one dimension dominates"
-    return (f"iBOT looks collapsed ({mode}): KL(teacher || student) {kl:.2e} < {kl_threshold:g}, teacher "
-            f"entropy {entropy:.3f} of log K = {math.log(num_prototypes):.3f}. Check the centring "
-            "(model.center_momentum), the teacher temperature (model.teacher_temp) and the learning rate")
+    return (
+        f"iBOT looks collapsed ({mode}): KL(teacher || student) {kl:.2e} < {kl_threshold:g}, teacher "
+        f"entropy {entropy:.3f} of log K = {math.log(num_prototypes):.3f}. Check the centring "
+        "(model.center_momentum), the teacher temperature (model.teacher_temp) and the learning rate"
+    )
 
 
 def official_teacher_temp(epoch: int, warm: float, final: float, warmup_epochs: int) -> float:
@@ -56,9 +58,16 @@ def _linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
-    default_head: ClassVar[dict] = dict(out_dim=8192, patch_out_dim=None, hidden_dim=2048, bottleneck_dim=256,
-                                        num_layers=3, shared_head=True, shared_head_teacher=None,
-                                        norm_last_layer=False)
+    default_head: ClassVar[dict] = dict(
+        out_dim=8192,
+        patch_out_dim=None,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        num_layers=3,
+        shared_head=True,
+        shared_head_teacher=None,
+        norm_last_layer=False,
+    )
 
     def __init__(
         self,
@@ -89,11 +98,14 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         if eval_backbone not in ("teacher", "student"):
             raise ValueError(f"model.eval_backbone must be 'teacher' or 'student', got {eval_backbone!r}")
         if teacher_temp_schedule not in ("official", "per_step"):
-            raise ValueError("model.teacher_temp_schedule must be 'official' or 'per_step', "
-                             f"got {teacher_temp_schedule!r}")
+            raise ValueError(
+                f"model.teacher_temp_schedule must be 'official' or 'per_step', got {teacher_temp_schedule!r}"
+            )
         if teacher_temp_schedule == "official" and warmup_teacher_temp_epochs != int(warmup_teacher_temp_epochs):
-            raise ValueError("model.teacher_temp_schedule=official warms up over whole epochs; got "
-                             f"model.warmup_teacher_temp_epochs={warmup_teacher_temp_epochs} (or use per_step)")
+            raise ValueError(
+                "model.teacher_temp_schedule=official warms up over whole epochs; got "
+                f"model.warmup_teacher_temp_epochs={warmup_teacher_temp_epochs} (or use per_step)"
+            )
         head = {**self.default_head, **(head or {})}
         # main_ibot.py: --shared_head (student) and --shared_head_teacher (default true) are separate
         teacher_shared = head.pop("shared_head_teacher")
@@ -118,8 +130,13 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
     def train_views(self) -> dict:
         """The multi-crop the data module must produce; ``local_size`` defaults to 3/7 of the image
         size (96 for 224, as iBOT), rounded to a multiple of the patch size."""
-        views = {"local_number": 0, "global_scale": (0.14, 1.0), "local_scale": (0.05, 0.4), "local_size": None,
-                 **(self.hparams.views or {})}
+        views = {
+            "local_number": 0,
+            "global_scale": (0.14, 1.0),
+            "local_scale": (0.05, 0.4),
+            "local_size": None,
+            **(self.hparams.views or {}),
+        }
         if views["local_size"] is None:
             p = self.student.patch_embed.patch_size[0]
             views["local_size"] = max(p, round(self.image_size[0] * 3 / 7 / p) * p)
@@ -147,8 +164,9 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
             return h.teacher_temp, h.teacher_patch_temp
         if h.teacher_temp_schedule == "official":
             epoch = self.current_epoch if epoch is None else epoch
-            return tuple(official_teacher_temp(epoch, warm, final, int(h.warmup_teacher_temp_epochs))
-                         for warm, final in ramps)
+            return tuple(
+                official_teacher_temp(epoch, warm, final, int(h.warmup_teacher_temp_epochs)) for warm, final in ramps
+            )
         frac = 1.0
         if h.warmup_teacher_temp_epochs > 0:
             done = epoch if epoch is not None else self.global_step / steps_per_epoch(self.trainer)
@@ -171,8 +189,10 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         centre is the mean over all of them (the last layer is linear, so the mean of its outputs is
         the last layer of the mean: one row instead of ``[2B * N, K]``)."""
         if isinstance(crops, torch.Tensor) or len(crops) < NUM_GLOBAL:
-            raise ValueError("iBOT takes a list of views [global_1, global_2, local...]; the data module makes "
-                             "them when the model's train_views are set (mimzoo-train does this)")
+            raise ValueError(
+                "iBOT takes a list of views [global_1, global_2, local...]; the data module makes "
+                "them when the model's train_views are set (mimzoo-train does this)"
+            )
         given = list(masks or [None] * NUM_GLOBAL)
         resolved = [self.resolve_mask(g, m) for g, m in zip(crops[:NUM_GLOBAL], given)]
         # Count the masked positions where a CPU copy exists (drawn masks, CPU masks): no device sync.
@@ -197,9 +217,14 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         loss = self.hparams.lambda_cls * loss_cls + self.hparams.lambda_mim * loss_mim
         with torch.no_grad():
             feats = F.normalize(t_tokens[:, 0].float(), dim=-1)
-            logs = {"loss_cls": loss_cls.detach(), "loss_mim": loss_mim.detach(), "teacher_entropy": entropy,
-                    "teacher_student_kl": loss_cls.detach() - entropy, "teacher_cls_std": feats.std(0).mean(),
-                    "mask_ratio": mask.float().mean()}
+            logs = {
+                "loss_cls": loss_cls.detach(),
+                "loss_mim": loss_mim.detach(),
+                "teacher_entropy": entropy,
+                "teacher_student_kl": loss_cls.detach() - entropy,
+                "teacher_cls_std": feats.std(0).mean(),
+                "mask_ratio": mask.float().mean(),
+            }
         if self.training:
             self.update_center(t_cls, t_patch_mean)
             self._stats = logs  # read by the collapse check at the epoch's end
@@ -228,8 +253,9 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         per_position = torch.zeros(mask.numel(), dtype=ce.dtype, device=ce.device).scatter(0, index, ce)
         per_image = per_position.view(mask.shape).sum(-1) / mask.float().sum(-1).clamp(min=1.0)
         loss_mim = per_image.view(NUM_GLOBAL, -1).mean(1).mean()
-        cls_terms = [-(p_cls[q] * log_q).sum(-1).mean()
-                     for q in range(NUM_GLOBAL) for v, log_q in enumerate(log_q_cls) if v != q]
+        cls_terms = [
+            -(p_cls[q] * log_q).sum(-1).mean() for q in range(NUM_GLOBAL) for v, log_q in enumerate(log_q_cls) if v != q
+        ]
         with torch.no_grad():
             p = torch.cat(p_cls)
             entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
@@ -273,8 +299,9 @@ class iBOT(TeacherStudentMethod):  # noqa: N801  (the paper's spelling)
         super().on_train_epoch_end()
         if not self._stats:
             return
-        message = collapse_diagnosis(float(self._stats["teacher_entropy"]), float(self._stats["teacher_student_kl"]),
-                                     self.center.shape[-1])
+        message = collapse_diagnosis(
+            float(self._stats["teacher_entropy"]), float(self._stats["teacher_student_kl"]), self.center.shape[-1]
+        )
         self.log("train/collapsed", float(message is not None))
         if message:
             rank_zero_warn(f"epoch {self.current_epoch}: {message}")

@@ -51,8 +51,9 @@ def recorded_attention(blocks):
             h.remove()
 
 
-def exploitation_rates(attn: torch.Tensor, mask: torch.Tensor, norm: str = "per_token",
-                       include_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def exploitation_rates(
+    attn: torch.Tensor, mask: torch.Tensor, norm: str = "per_token", include_cls: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R_V->O, R_M->O)`` of one attention map ``[B, 1+N, 1+N]`` (token 0 = ``[CLS]``).
 
     O: query rows at masked positions; V: visible-token keys (plus ``[CLS]``); M: mask-token keys.
@@ -86,8 +87,14 @@ def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
-def exploit_condition(maps: list[torch.Tensor], mask: torch.Tensor, norm: str = "per_token",
-                      agg: str = "per_layer", layer: int = -1, include_cls: bool = True) -> dict:
+def exploit_condition(
+    maps: list[torch.Tensor],
+    mask: torch.Tensor,
+    norm: str = "per_token",
+    agg: str = "per_layer",
+    layer: int = -1,
+    include_cls: bool = True,
+) -> dict:
     """Per-layer rates, the aggregated pair the rule reads, and whether ``R_M >= R_V`` holds."""
     if agg not in EXPLOIT_AGGS:
         raise ValueError(f"unknown exploit_agg {agg!r}; choose one of {EXPLOIT_AGGS}")
@@ -150,8 +157,9 @@ class SGMAE(MAE):
         self.informed_strategy = masking.build("self_guided", **{"ratio": self.mask_strategy.ratio, **(informed or {})})
         depth = len(self.encoder.blocks)
         if not -depth <= emb_layer < depth:
-            raise ValueError(f"model.emb_layer={emb_layer} but the encoder has {depth} blocks (0..{depth - 1}, "
-                             "or -1 for the last)")
+            raise ValueError(
+                f"model.emb_layer={emb_layer} but the encoder has {depth} blocks (0..{depth - 1}, or -1 for the last)"
+            )
         self.emb_layer = emb_layer % depth
         if exploit_agg not in EXPLOIT_AGGS or exploit_norm not in EXPLOIT_NORMS:
             raise ValueError(f"exploit_agg must be one of {EXPLOIT_AGGS} and exploit_norm one of {EXPLOIT_NORMS}")
@@ -187,8 +195,9 @@ class SGMAE(MAE):
         seen = self.__dict__.get("_host_copies", {})
         valid = {name: s[2] for name, s in seen.items() if s[0] is getattr(self, name) and s[1] == s[0]._version}
         out = super()._apply(fn, recurse)
-        self._host_copies = {name: (getattr(self, name), getattr(self, name)._version, value)
-                             for name, value in valid.items()}
+        self._host_copies = {
+            name: (getattr(self, name), getattr(self, name)._version, value) for name, value in valid.items()
+        }
         return out
 
     @property
@@ -206,8 +215,13 @@ class SGMAE(MAE):
         try:
             with torch.inference_mode():
                 return self.encoder.forward_intermediates(
-                    images, indices=[layer], norm=layer == depth - 1, stop_early=True, output_fmt="NLC",
-                    intermediates_only=True)[0]
+                    images,
+                    indices=[layer],
+                    norm=layer == depth - 1,
+                    stop_early=True,
+                    output_fmt="NLC",
+                    intermediates_only=True,
+                )[0]
         finally:
             self.encoder.train(was_training)
 
@@ -225,8 +239,9 @@ class SGMAE(MAE):
     def informed_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> InformedMask:
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
         hint = self.hint_ratio(self.current_epoch, max_epochs if max_epochs and max_epochs > 0 else None)
-        return self.informed_strategy.build(self.grid_size, generator, features=self.patch_features(images),
-                                            hint_ratio=hint)
+        return self.informed_strategy.build(
+            self.grid_size, generator, features=self.patch_features(images), hint_ratio=hint
+        )
 
     def sample_mask(self, images: torch.Tensor) -> torch.Tensor:
         """In training after the switch, an informed mask; otherwise a draw from the random strategy."""

@@ -44,16 +44,23 @@ class SimMIM(MIMMethod):
     ):
         super().__init__(mask=mask, optim=optim)
         self.save_hyperparameters()
-        self.encoder = BEiTEncoder(**{"layer_scale_init": layer_scale_init, "use_abs_pos_emb": use_abs_pos_emb,
-                                      "use_shared_rel_pos_bias": use_shared_rel_pos_bias,
-                                      "drop_path_rate": drop_path_rate, **encoder})
+        self.encoder = BEiTEncoder(
+            **{
+                "layer_scale_init": layer_scale_init,
+                "use_abs_pos_emb": use_abs_pos_emb,
+                "use_shared_rel_pos_bias": use_shared_rel_pos_bias,
+                "drop_path_rate": drop_path_rate,
+                **encoder,
+            }
+        )
         stride, channels = self.encoder.stride, self.encoder.in_chans
-        self.decoder = nn.Sequential(nn.Conv2d(self.encoder.embed_dim, stride**2 * channels, kernel_size=1),
-                                     nn.PixelShuffle(stride))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(self.encoder.embed_dim, stride**2 * channels, kernel_size=1), nn.PixelShuffle(stride)
+        )
 
     def forward(self, images, mask=None):
         mask = self.resolve_mask(images, mask)
-        tokens = self.encoder.forward_masked(images, mask)[:, self.encoder.num_prefix_tokens:]
+        tokens = self.encoder.forward_masked(images, mask)[:, self.encoder.num_prefix_tokens :]
         (h, w), (b, _, d) = self.grid_size, tokens.shape
         pred = self.decoder(tokens.transpose(1, 2).reshape(b, d, h, w)).float()  # [B, C, H, W]
         pixels = self.pixel_mask(mask)

@@ -16,12 +16,15 @@ class TeacherStudentMethod(MIMMethod):
     """A subclass builds its student and teacher modules, calls :meth:`pair` for each, and gets the
     EMA update, the momentum schedule and its logging (``train/ema_momentum``) from here."""
 
-    def __init__(self, mask: dict | None = None, optim: dict | None = None, momentum: float = 0.996,
-                 momentum_end: float = 1.0):
+    def __init__(
+        self, mask: dict | None = None, optim: dict | None = None, momentum: float = 0.996, momentum_end: float = 1.0
+    ):
         super().__init__(mask=mask, optim=optim)
         if not 0.0 <= momentum <= momentum_end <= 1.0:
-            raise ValueError(f"EMA momentum must satisfy 0 <= momentum <= momentum_end <= 1, got {momentum}, "
-                             f"{momentum_end}; iBOT uses model.momentum=0.996 model.momentum_end=1.0")
+            raise ValueError(
+                f"EMA momentum must satisfy 0 <= momentum <= momentum_end <= 1, got {momentum}, "
+                f"{momentum_end}; iBOT uses model.momentum=0.996 model.momentum_end=1.0"
+            )
         self.momentum, self.momentum_end = momentum, momentum_end
         self._ema_pairs: list[tuple[str, str]] = []
 
@@ -56,4 +59,3 @@ class TeacherStudentMethod(MIMMethod):
         m = self.momentum_at(self.global_step)
         self.update_teacher(m)
         self.log("train/ema_momentum", host_scalar(m))
-

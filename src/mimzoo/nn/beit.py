@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from timm.models.beit import Beit
+from torch import nn
 
 from .masked_encoder import MaskedEncoder, state_for_export
 
@@ -50,19 +50,31 @@ class BEiTEncoder(MaskedEncoder, Beit):
         global_pool: str = "token",
     ):
         if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}; "
-                             "pick a patch size that divides it (e.g. model.encoder.patch_size=4 for 32px)")
+            raise ValueError(
+                f"image size {img_size} is not divisible by patch size {patch_size}; "
+                "pick a patch size that divides it (e.g. model.encoder.patch_size=4 for 32px)"
+            )
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.timm_kwargs = dict(
-            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, in_chans=in_chans, init_values=layer_scale_init or None,
-            use_abs_pos_emb=use_abs_pos_emb, use_shared_rel_pos_bias=use_shared_rel_pos_bias,
-            use_rel_pos_bias=use_rel_pos_bias, global_pool=global_pool,
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            in_chans=in_chans,
+            init_values=layer_scale_init or None,
+            use_abs_pos_emb=use_abs_pos_emb,
+            use_shared_rel_pos_bias=use_shared_rel_pos_bias,
+            use_rel_pos_bias=use_rel_pos_bias,
+            global_pool=global_pool,
         )
         if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool={global_pool!r}: use 'token' ([CLS], final norm on every token) or "
-                             "'avg' (mean of patch tokens, then fc_norm)")
+            raise ValueError(
+                f"global_pool={global_pool!r}: use 'token' ([CLS], final norm on every token) or "
+                "'avg' (mean of patch tokens, then fc_norm)"
+            )
         super().__init__(**self.timm_kwargs, num_classes=0, qkv_bias=True, drop_path_rate=drop_path_rate)
         self.in_chans = in_chans
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -91,12 +103,13 @@ class BEiTEncoder(MaskedEncoder, Beit):
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             if p is not None:
                 trunc_normal_1sigma_(p)
-        for l, block in enumerate(self.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * l))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * l))
+        for layer, block in enumerate(self.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                       num_masked: int | None = None) -> torch.Tensor:
+    def forward_masked(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, num_masked: int | None = None
+    ) -> torch.Tensor:
         """Final-norm tokens ``[B, 1 + N, D]``; masked patch embeddings are replaced by ``mask_token``
         before positions are added.
 

@@ -110,8 +110,10 @@ class ConvViT(nn.Module):
         patch_size, embed_dim, depth, mlp_ratio = map(_triple, (patch_size, embed_dim, depth, mlp_ratio))
         stride = patch_size[0] * patch_size[1] * patch_size[2]
         if img_size % stride:
-            raise ValueError(f"image size {img_size} is not divisible by the total stride {stride} of patch sizes "
-                             f"{list(patch_size)}; e.g. patch_size=[1,2,2] for 32px CIFAR, [4,2,2] for 224px")
+            raise ValueError(
+                f"image size {img_size} is not divisible by the total stride {stride} of patch sizes "
+                f"{list(patch_size)}; e.g. patch_size=[1,2,2] for 32px CIFAR, [4,2,2] for 224px"
+            )
         if embed_dim[2] % num_heads:
             raise ValueError(f"stage-3 width {embed_dim[2]} is not divisible by num_heads {num_heads}")
         if global_pool not in ("avg", "norm_avg"):
@@ -122,7 +124,8 @@ class ConvViT(nn.Module):
         self.num_features = self.embed_dim = embed_dim[2]
         dims = (in_chans, *embed_dim)
         self.patch_embed1, self.patch_embed2, self.patch_embed3 = (
-            ConvPatchEmbed(patch_size[i], dims[i], dims[i + 1]) for i in range(3))
+            ConvPatchEmbed(patch_size[i], dims[i], dims[i + 1]) for i in range(3)
+        )
         self.patch_embed4 = nn.Linear(embed_dim[2], embed_dim[2])
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim[2], self.grid, cls_token=False))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -130,9 +133,19 @@ class ConvViT(nn.Module):
         self.blocks1 = nn.ModuleList([CBlock(embed_dim[0], mlp_ratio[0], dpr[i]) for i in range(depth[0])])
         self.blocks2 = nn.ModuleList([CBlock(embed_dim[1], mlp_ratio[1], dpr[depth[0] + i]) for i in range(depth[1])])
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks3 = nn.Sequential(*[
-            Block(embed_dim[2], num_heads, mlp_ratio[2], qkv_bias=True, norm_layer=norm,
-                  drop_path=dpr[depth[0] + depth[1] + i]) for i in range(depth[2])])
+        self.blocks3 = nn.Sequential(
+            *[
+                Block(
+                    embed_dim[2],
+                    num_heads,
+                    mlp_ratio[2],
+                    qkv_bias=True,
+                    norm_layer=norm,
+                    drop_path=dpr[depth[0] + depth[1] + i],
+                )
+                for i in range(depth[2])
+            ]
+        )
         fc_norm = global_pool == "avg"
         self.norm = nn.Identity() if fc_norm else norm(embed_dim[2])
         self.fc_norm = norm(embed_dim[2]) if fc_norm else nn.Identity()
@@ -155,8 +168,10 @@ class ConvViT(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer ids as ConvMAE's ``lr_decay.py``: stems and conv stages 0, ``blocks3.k`` k + 1, the rest last."""
-        return dict(stem=r"^pos_embed|^patch_embed|^blocks[12]\.",
-                    blocks=r"^blocks3\.(\d+)" if coarse else [(r"^blocks3\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(
+            stem=r"^pos_embed|^patch_embed|^blocks[12]\.",
+            blocks=r"^blocks3\.(\d+)" if coarse else [(r"^blocks3\.(\d+)", None), (r"^norm", (99999,))],
+        )
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -207,8 +222,12 @@ def convmae_convvit(pretrained: bool = False, **kwargs) -> ConvViT:
         kwargs.pop(key, None)
     model = ConvViT(**kwargs)
     model.pretrained_cfg = model.default_cfg = {
-        "num_classes": model.num_classes, "input_size": (3, model.img_size, model.img_size),
-        "first_conv": "patch_embed1.proj", "classifier": "head", **overlay}
+        "num_classes": model.num_classes,
+        "input_size": (3, model.img_size, model.img_size),
+        "first_conv": "patch_embed1.proj",
+        "classifier": "head",
+        **overlay,
+    }
     return model
 
 
@@ -222,13 +241,29 @@ class ConvMAEEncoder(MaskedEncoder, ConvViT):
     num_prefix_tokens = 0
     masked_conv: bool = True  # False only to show that leakage happens without it (tests)
 
-    def __init__(self, img_size: int = 224, patch_size=(4, 2, 2), embed_dim=(256, 384, 768), depth=(2, 2, 11),
-                 num_heads: int = 12, mlp_ratio=(4.0, 4.0, 4.0), in_chans: int = 3, drop_path_rate: float = 0.0):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size=(4, 2, 2),
+        embed_dim=(256, 384, 768),
+        depth=(2, 2, 11),
+        num_heads: int = 12,
+        mlp_ratio=(4.0, 4.0, 4.0),
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+    ):
         # plain lists: the kwargs go into checkpoints' hyper-parameters and mimzoo-export's JSON
         patch_size, embed_dim, depth = ([int(v) for v in _triple(x)] for x in (patch_size, embed_dim, depth))
         mlp_ratio = [float(v) for v in _triple(mlp_ratio)]
-        self.timm_kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                num_heads=num_heads, mlp_ratio=mlp_ratio, in_chans=in_chans)
+        self.timm_kwargs = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            in_chans=in_chans,
+        )
         super().__init__(**self.timm_kwargs, num_classes=0, global_pool="norm_avg", drop_path_rate=drop_path_rate)
         self.in_chans = in_chans
         s2, s3 = patch_size[1] * patch_size[2], patch_size[2]  # from stage 1 / stage 2 to the stage-3 grid
@@ -247,8 +282,9 @@ class ConvMAEEncoder(MaskedEncoder, ConvViT):
             return None
         return tuple((~m).unsqueeze(1).float() for m in mask_pyramid(mask, self.grid, self.stage_scales))
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                       num_masked: int | None = None) -> torch.Tensor:
+    def forward_masked(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, num_masked: int | None = None
+    ) -> torch.Tensor:
         """Fused latent ``[B, K, D]``: stage-3 blocks on the visible tokens only, plus the stage-1 and
         stage-2 maps brought to the stage-3 grid by strided convs at the same positions, then ``norm``."""
         ids_keep = visible = None
@@ -272,6 +308,11 @@ class ConvMAEEncoder(MaskedEncoder, ConvViT):
         """A :class:`ConvViT` (timm name ``convmae_convvit``, registered on ``import mimzoo.nn``) whose
         ``forward`` returns :meth:`features`; the fusion convs, used only to feed the decoder, are dropped
         (ConvMAE's fine-tuning model has none)."""
-        kwargs = {"model_name": "convmae_convvit", "pretrained": False, "num_classes": 0, "global_pool": "norm_avg",
-                  **self.timm_kwargs}
+        kwargs = {
+            "model_name": "convmae_convvit",
+            "pretrained": False,
+            "num_classes": 0,
+            "global_pool": "norm_avg",
+            **self.timm_kwargs,
+        }
         return kwargs, state_for_export(self, drop=("stage1_output_decode.", "stage2_output_decode."))

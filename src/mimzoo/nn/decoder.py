@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from mimzoo.masking import restore_ids
 
@@ -52,10 +52,16 @@ class MAEDecoder(nn.Module):
         self.apply(init_linear_and_norm)
 
     @classmethod
-    def for_encoder(cls, encoder: MaskedEncoder, **sizes) -> "MAEDecoder":
+    def for_encoder(cls, encoder: MaskedEncoder, **sizes) -> MAEDecoder:
         """The decoder that fits a dropping encoder's width, grid, stride, channels and prefix tokens."""
-        return cls(encoder.embed_dim, encoder.grid, encoder.stride, in_chans=encoder.in_chans,
-                   cls_token=encoder.num_prefix_tokens > 0, **sizes)
+        return cls(
+            encoder.embed_dim,
+            encoder.grid,
+            encoder.stride,
+            in_chans=encoder.in_chans,
+            cls_token=encoder.num_prefix_tokens > 0,
+            **sizes,
+        )
 
     def forward(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``latent [B, 1+K, D]`` (CLS first, then the visible tokens in grid order, as a dropping encoder

@@ -19,8 +19,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1),
-                                 nn.ReLU(), nn.Conv2d(dim, dim, 1))
+        self.net = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(dim, dim, 1),
+        )
 
     def forward(self, x):
         return x + self.net(x)
@@ -34,8 +39,15 @@ class DiscreteVAE(nn.Module):
     """``logits(x)``: ``[B, num_tokens, h, w]`` for pixels ``x`` in [0, 1]; ``decode(soft)``: pixels
     from a (soft) one-hot map ``[B, num_tokens, h, w]``; ``decode_ids``: pixels from code ids."""
 
-    def __init__(self, num_tokens: int = 8192, downsample: int = 4, hidden_dim: int = 64, code_dim: int = 256,
-                 num_resblocks: int = 1, in_chans: int = 3):
+    def __init__(
+        self,
+        num_tokens: int = 8192,
+        downsample: int = 4,
+        hidden_dim: int = 64,
+        code_dim: int = 256,
+        num_resblocks: int = 1,
+        in_chans: int = 3,
+    ):
         super().__init__()
         num_layers = int(round(math.log2(downsample)))
         if downsample < 2 or 2**num_layers != downsample:

@@ -23,9 +23,17 @@ class IBOTHead(nn.Module):
     the weight-normalised last layer. ``[CLS]`` and patch tokens share the MLP; with ``shared_head``
     they also share the last layer, otherwise patches get their own ``last_layer2`` (``patch_out_dim``)."""
 
-    def __init__(self, in_dim: int, out_dim: int = 8192, patch_out_dim: int | None = None, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, num_layers: int = 3, shared_head: bool = True,
-                 norm_last_layer: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 8192,
+        patch_out_dim: int | None = None,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        shared_head: bool = True,
+        norm_last_layer: bool = True,
+    ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the iBOT head needs num_layers >= 1, got {num_layers}")
@@ -42,8 +50,9 @@ class IBOTHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.last_layer = _last_layer(bottleneck_dim, out_dim, norm_last_layer)
-        self.last_layer2 = self.last_layer if shared_head else _last_layer(bottleneck_dim, patch_out_dim,
-                                                                           norm_last_layer)
+        self.last_layer2 = (
+            self.last_layer if shared_head else _last_layer(bottleneck_dim, patch_out_dim, norm_last_layer)
+        )
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens [B, 1 + N, D]`` -> ``(cls logits [B, K], patch logits [B, N, K2])``."""

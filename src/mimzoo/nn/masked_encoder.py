@@ -42,8 +42,9 @@ class MaskedEncoder(nn.Module):
     def image_size(self) -> tuple[int, int]:
         return self.grid[0] * self.stride, self.grid[1] * self.stride
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                       num_masked: int | None = None) -> torch.Tensor:
+    def forward_masked(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, num_masked: int | None = None
+    ) -> torch.Tensor:
         """Final-norm tokens ``[B, num_prefix_tokens + K, D]``: ``K`` is the visible count for a dropping
         encoder (visible patches in grid order), ``N`` otherwise; ``mask=None`` keeps every patch.
         ``num_masked`` (masked patches per image, if known; checked on the device) spares a dropping encoder

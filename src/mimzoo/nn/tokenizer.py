@@ -17,6 +17,7 @@ from torch import nn
 
 from .dvae import DiscreteVAE
 
+
 class Tokenizer(nn.Module):
     """``num_tokens`` codes; ``downsample`` tokenizer-input pixels per code along a side."""
 
@@ -58,8 +59,9 @@ def _pair(size) -> tuple[int, int]:
 class DVAETokenizer(Tokenizer):
     """mimzoo's own trained dVAE (encoder + argmax); resizes to the size it was trained on."""
 
-    def __init__(self, vae: DiscreteVAE, image_size: int | None = None, mean=IMAGENET_DEFAULT_MEAN,
-                 std=IMAGENET_DEFAULT_STD):
+    def __init__(
+        self, vae: DiscreteVAE, image_size: int | None = None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+    ):
         super().__init__(mean, std)
         self.vae = vae
         self.num_tokens, self.downsample = vae.num_tokens, vae.downsample
@@ -86,8 +88,10 @@ class DALLETokenizer(Tokenizer):
         except ImportError as err:
             raise ImportError("the dalle tokenizer needs OpenAI's DALL-E package: `pip install DALL-E`") from err
         if not file.is_file():
-            raise FileNotFoundError(f"no DALL-E encoder at {file}; download https://cdn.openai.com/dall-e/encoder.pkl "
-                                    "into that folder (or use a mimzoo dVAE: {'kind': 'dvae', 'ckpt': ...})")
+            raise FileNotFoundError(
+                f"no DALL-E encoder at {file}; download https://cdn.openai.com/dall-e/encoder.pkl "
+                "into that folder (or use a mimzoo dVAE: {'kind': 'dvae', 'ckpt': ...})"
+            )
         self.encoder = dall_e.load_model(str(file), "cpu")
 
     def input_size(self, image_size):

@@ -10,8 +10,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from mimzoo.masking import mask_to_ids
 
@@ -61,12 +61,22 @@ class ViTEncoder(MaskedEncoder, VisionTransformer):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.timm_kwargs = dict(
-            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, in_chans=in_chans,
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            in_chans=in_chans,
         )
         super().__init__(
-            **self.timm_kwargs, num_classes=0, global_pool="token", class_token=True, qkv_bias=True,
-            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            **self.timm_kwargs,
+            num_classes=0,
+            global_pool="token",
+            class_token=True,
+            qkv_bias=True,
+            drop_path_rate=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
             dynamic_img_size=dynamic_img_size,
         )
         self.in_chans = in_chans
@@ -84,8 +94,13 @@ class ViTEncoder(MaskedEncoder, VisionTransformer):
     def export_timm(self) -> tuple[dict, dict]:
         """A plain timm ``VisionTransformer`` (token pooling, no head); the architecture name only picks
         the class, the kwargs set every size. A mask token, if any, is not part of it."""
-        kwargs = {"model_name": "vit_base_patch16_224", "pretrained": False, "num_classes": 0, "global_pool": "token",
-                  **self.timm_kwargs}
+        kwargs = {
+            "model_name": "vit_base_patch16_224",
+            "pretrained": False,
+            "num_classes": 0,
+            "global_pool": "token",
+            **self.timm_kwargs,
+        }
         return kwargs, state_for_export(self, drop=("mask_token",))
 
     def initialize_mae(self):
@@ -96,8 +111,9 @@ class ViTEncoder(MaskedEncoder, VisionTransformer):
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_linear_and_norm)
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                       num_masked: int | None = None) -> torch.Tensor:
+    def forward_masked(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, num_masked: int | None = None
+    ) -> torch.Tensor:
         """Tokens ``[B, 1 + K, D]`` after the final norm, ``K`` visible patches in grid order."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
         if mask is not None:
@@ -112,8 +128,9 @@ class ViTEncoder(MaskedEncoder, VisionTransformer):
 class MaskTokenViT(ViTEncoder):
     """iBOT's ViT, a replacing :class:`~mimzoo.nn.MaskedEncoder`: a learned, zero-initialised ``mask_token``
     (iBOT's ``masked_embed``) replaces the patch embedding of masked patches before ``[CLS]`` and
-    positions are added, and every token goes through the blocks. Learned positions (trunc-normal 0.02) are interpolated for crops of another
-    size (multi-crop local views). Init as iBOT/DINO: trunc-normal(0.02) linears and tokens."""
+    positions are added, and every token goes through the blocks. Learned positions (trunc-normal 0.02) are
+    interpolated for crops of another size
+    (multi-crop local views). Init as iBOT/DINO: trunc-normal(0.02) linears and tokens."""
 
     drops_masked = False
 
@@ -126,8 +143,9 @@ class MaskTokenViT(ViTEncoder):
         self.apply(_init_trunc_normal)
         self.patch_embed.proj.reset_parameters()  # iBOT leaves the patch conv at PyTorch's default
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                       num_masked: int | None = None) -> torch.Tensor:
+    def forward_masked(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, num_masked: int | None = None
+    ) -> torch.Tensor:
         """Final-norm tokens ``[B, 1 + N, D]``; ``mask`` swaps the masked patches' embeddings for the mask
         token, so their pixels never enter. Crops of another size (local views) take no mask."""
         x = self.patch_embed(images)  # [B, h, w, D] (dynamic image size)
@@ -156,8 +174,11 @@ def interpolate_pos_encoding(pos_embed: torch.Tensor, grid: tuple[int, int], siz
     if (h, w) == (gh, gw):
         return pos_embed
     d = pos_embed.shape[-1]
-    patch = F.interpolate(pos_embed[:, 1:].reshape(1, gh, gw, d).permute(0, 3, 1, 2),
-                          scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic")
+    patch = F.interpolate(
+        pos_embed[:, 1:].reshape(1, gh, gw, d).permute(0, 3, 1, 2),
+        scale_factor=((h + 0.1) / gh, (w + 0.1) / gw),
+        mode="bicubic",
+    )
     if patch.shape[-2:] != (h, w):
         raise RuntimeError(f"position interpolation gave a {tuple(patch.shape[-2:])} grid for {(h, w)}")
     return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, d)], dim=1)
